@@ -1,0 +1,312 @@
+"""The :class:`LockManager` base: argument checks, the QUEUE wait loop, the context manager and
+logging live here once; backends implement a handful of small I/O methods."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import logging
+import random
+import secrets
+import time as _time
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from celery_lock import _identity
+from celery_lock._types import CleanReport, Lease, LockInfo
+from celery_lock._validate import check_key, check_timeout, check_ttl
+from celery_lock.errors import LockLost, LockNotAcquired
+from celery_lock.modes import LockMode
+
+__all__ = ["LockManager", "Waiter"]
+
+
+class Waiter:
+    """Waits between QUEUE-mode attempts; backends with a release signal override :meth:`wait`."""
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; return True when woken by a release signal."""
+        _time.sleep(seconds)
+        return False
+
+    def close(self) -> None:
+        """Free what the waiter holds (a pub/sub connection, say)."""
+
+
+class LockManager(abc.ABC):
+    """Abstract lock manager (the public contract every backend fulfils).
+
+    Subclasses set :attr:`backend` and implement ``_try_acquire``, ``_release``, ``_extend``,
+    ``_inspect``, ``_iter_locks``, ``_break`` and ``clean``; they may override ``_waiter`` to
+    wake QUEUE waiters on release instead of polling.
+    """
+
+    #: ``"redis"`` or ``"file"``.
+    backend: ClassVar[str] = "abstract"
+    #: QUEUE polling bounds (seconds): the delay grows from the first to the second, jittered.
+    poll_min: ClassVar[float] = 0.01
+    poll_max: ClassVar[float] = 0.25
+
+    def __init__(self, *, default_ttl: float = 300.0) -> None:
+        self._default_ttl = check_ttl(default_ttl, name="default_ttl")
+        self._log = logging.getLogger(f"celery_lock.{self.backend}")
+
+    @property
+    def default_ttl(self) -> float:
+        """Lease length used when ``acquire(ttl=None)``."""
+        return self._default_ttl
+
+    # ---------------------------------------------------------------- public API
+
+    def acquire(
+        self,
+        key: str,
+        *,
+        ttl: float | None = None,
+        mode: LockMode | str = LockMode.EXECUTION,
+        timeout: float | None = None,
+        task_id: str | None = None,
+        task_name: str | None = None,
+    ) -> Lease | None:
+        """Take the lock on ``key``; return the :class:`Lease`, or None when it is held.
+
+        :param ttl: lease seconds (None: the manager's ``default_ttl``).
+        :param mode: ``EXECUTION`` tries once; ``QUEUE`` waits up to ``timeout``.
+        :param timeout: QUEUE only: seconds to wait; None waits up to the lease's ttl.
+        :param task_id: recorded in the holder metadata (Celery fills it in).
+        :param task_name: recorded in the holder metadata.
+        :raises TypeError: for a non-str key.
+        :raises ValueError: for an empty key, a bad ttl, mode or timeout.
+        :raises LockBackendUnavailable: when the store cannot be reached (fail-closed managers).
+        """
+        check_key(key)
+        mode = LockMode.coerce(mode)
+        ttl_s = self._default_ttl if ttl is None else check_ttl(ttl)
+        wait_s = check_timeout(timeout)
+        token = secrets.token_hex(16)
+        started = _time.monotonic()
+        lease = self._try_acquire(key, ttl_s, token, task_id, task_name)
+        if lease is not None or mode is LockMode.EXECUTION:
+            if lease is None and self._log.isEnabledFor(logging.DEBUG):
+                self._log.debug(
+                    "lock busy: %s", key, extra={"lock_key": key, "backend": self.backend}
+                )
+            elif lease is not None and self._log.isEnabledFor(logging.DEBUG):
+                self._debug_acquired(lease, 0.0)
+            return lease
+        return self._wait_and_acquire(
+            key, ttl_s, token, task_id, task_name, started + (ttl_s if wait_s is None else wait_s)
+        )
+
+    def release(self, lease: Lease) -> bool:
+        """Release ``lease``; True only if it still held the lock.
+
+        A lease that expired or was taken over is never allowed to touch the new holder's lock.
+        """
+        self._check_lease(lease)
+        released = self._release(lease)
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug(
+                "lock %s: %s",
+                "released" if released else "release found it no longer ours",
+                lease.key,
+                extra=self._extra(lease, hold_ms=self._hold_ms(lease)),
+            )
+        return released
+
+    def extend(self, lease: Lease, ttl: float | None = None) -> Lease | None:
+        """Renew ``lease`` for ``ttl`` seconds from now (None: its own ttl).
+
+        Returns the renewed lease (same token and fence), or None when it was lost or expired.
+        """
+        self._check_lease(lease)
+        ttl_s = lease.ttl if ttl is None else check_ttl(ttl)
+        return self._extend(lease, ttl_s)
+
+    def is_locked(self, key: str) -> bool:
+        """True when somebody holds ``key`` right now."""
+        return self.inspect(key) is not None
+
+    def inspect(self, key: str) -> LockInfo | None:
+        """Holder metadata of ``key``, or None when it is free."""
+        return self._inspect(check_key(key))
+
+    def iter_locks(self) -> Iterator[LockInfo]:
+        """Every lock currently held in this store (for ``celery locks list``)."""
+        return self._iter_locks()
+
+    def break_lock(
+        self, key: str, *, task_id: str | None = None, only_if_dead: bool = False
+    ) -> bool:
+        """Delete the lock on ``key`` by compare-and-delete on its current holder's exact token.
+
+        :param task_id: only if the holder recorded this Celery task id.
+        :param only_if_dead: only if the holder is provably dead (same host, pid gone).
+        :returns: True when a lock was deleted.
+        """
+        return self._break(check_key(key), task_id=task_id, only_if_dead=only_if_dead)
+
+    @contextlib.contextmanager
+    def lock(
+        self,
+        key: str,
+        *,
+        renew: bool = False,
+        ttl: float | None = None,
+        mode: LockMode | str = LockMode.EXECUTION,
+        timeout: float | None = None,
+        task_id: str | None = None,
+        task_name: str | None = None,
+    ) -> Iterator[Lease]:
+        """Hold ``key`` for the ``with`` body and yield the :class:`Lease`.
+
+        :param renew: keep the lease alive with the process's renewer while the body runs.
+        :raises LockNotAcquired: the lock is held (and a QUEUE wait timed out).
+        :raises LockBackendUnavailable: a fail-closed manager cannot reach its store.
+        :raises LockLost: on exit, when the lease was lost while the body ran and the body
+            itself raised nothing.
+        """
+        lease = self.acquire(
+            key, ttl=ttl, mode=mode, timeout=timeout, task_id=task_id, task_name=task_name
+        )
+        if lease is None:
+            raise LockNotAcquired(
+                f"lock {key!r} is held by someone else", key=key, backend=self.backend
+            )
+        handle = None
+        if renew:
+            from celery_lock.renewer import get_renewer  # noqa: PLC0415 - avoid a cycle
+
+            handle = get_renewer().register(self, lease)
+        body_failed = True
+        try:
+            yield lease
+            body_failed = False
+        finally:
+            lost = False
+            if handle is not None:
+                handle.cancel()
+                lease = handle.lease
+                lost = handle.lost
+            released = self.release(lease) and not lost
+            if not released and not body_failed:
+                raise LockLost(
+                    f"lock {key!r} was lost while the body ran (expired or taken over)",
+                    key=key,
+                    backend=lease.backend,
+                    fence=lease.fence,
+                )
+
+    @abc.abstractmethod
+    def clean(self, *, dry_run: bool = False) -> CleanReport:
+        """Remove expired and provably dead locks by compare-and-delete (see LockCleaner)."""
+
+    # ------------------------------------------------------------- backend hooks
+
+    @abc.abstractmethod
+    def _try_acquire(
+        self, key: str, ttl: float, token: str, task_id: str | None, task_name: str | None
+    ) -> Lease | None:
+        """One attempt. Must be idempotent for the same ``token`` (a retry after a lost reply)."""
+
+    @abc.abstractmethod
+    def _release(self, lease: Lease) -> bool: ...
+
+    @abc.abstractmethod
+    def _extend(self, lease: Lease, ttl: float) -> Lease | None: ...
+
+    @abc.abstractmethod
+    def _inspect(self, key: str) -> LockInfo | None: ...
+
+    @abc.abstractmethod
+    def _iter_locks(self) -> Iterator[LockInfo]: ...
+
+    @abc.abstractmethod
+    def _break(self, key: str, *, task_id: str | None, only_if_dead: bool) -> bool: ...
+
+    def _waiter(self, key: str) -> Waiter:  # noqa: ARG002 - hook signature
+        """A waiter for QUEUE mode; the default polls."""
+        return Waiter()
+
+    # ---------------------------------------------------------------- helpers
+
+    def _wait_and_acquire(
+        self,
+        key: str,
+        ttl: float,
+        token: str,
+        task_id: str | None,
+        task_name: str | None,
+        deadline: float,
+    ) -> Lease | None:
+        started = _time.monotonic()
+        waiter = self._waiter(key)
+        delay = self.poll_min
+        try:
+            while True:
+                # The waiter is armed (subscribed) before this attempt, so a release between
+                # the attempt and the wait still wakes us.
+                lease = self._try_acquire(key, ttl, token, task_id, task_name)
+                if lease is not None:
+                    if self._log.isEnabledFor(logging.DEBUG):
+                        self._debug_acquired(lease, (_time.monotonic() - started) * 1000)
+                    return lease
+                remaining = deadline - _time.monotonic()
+                if remaining <= 0:
+                    self._log.info(
+                        "gave up waiting for lock %s after %.0f ms",
+                        key,
+                        (_time.monotonic() - started) * 1000,
+                        extra={
+                            "lock_key": key,
+                            "backend": self.backend,
+                            "wait_ms": round((_time.monotonic() - started) * 1000, 3),
+                        },
+                    )
+                    return None
+                # Jittered, growing delay so contenders do not poll in lockstep; a release
+                # signal cuts the wait short.
+                if waiter.wait(min(remaining, delay * random.uniform(0.5, 1.0))):  # noqa: S311
+                    delay = self.poll_min
+                else:
+                    delay = min(delay * 1.6, self.poll_max)
+        finally:
+            waiter.close()
+
+    def _meta(
+        self, key: str, now: float, ttl: float, task_id: str | None, task_name: str | None
+    ) -> str:
+        """Holder metadata as a JSON object text (token and fence are added by the backend)."""
+        ident = _identity.current()
+        return (
+            f'{{"v":1,"key":{json.dumps(key)},{ident.json_fragment},'
+            f'"task_id":{json.dumps(task_id)},"task_name":{json.dumps(task_name)},'
+            f'"acquired":{now!r},"ttl":{ttl!r}}}'
+        )
+
+    def _check_lease(self, lease: object) -> None:
+        if not isinstance(lease, Lease):
+            raise TypeError(f"expected a Lease, got {type(lease).__name__}")
+        if lease.backend != self.backend:
+            raise ValueError(
+                f"lease for {lease.key!r} was granted by the {lease.backend!r} backend; "
+                f"this is a {self.backend!r} manager"
+            )
+
+    def _extra(self, lease: Lease, **more: Any) -> dict[str, Any]:
+        return {"lock_key": lease.key, "backend": lease.backend, "fence": lease.fence, **more}
+
+    @staticmethod
+    def _hold_ms(lease: Lease) -> float | None:
+        if not lease.acquired_at:
+            return None
+        return round((_time.time() - lease.acquired_at) * 1000, 3)
+
+    def _debug_acquired(self, lease: Lease, wait_ms: float) -> None:
+        self._log.debug(
+            "lock acquired: %s (fence %d)",
+            lease.key,
+            lease.fence,
+            extra=self._extra(lease, wait_ms=round(wait_ms, 3)),
+        )
