@@ -1,0 +1,295 @@
+"""Redis first, local lock files when Redis is unreachable, with a circuit breaker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time as _time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from celery_lock._base import LockManager, Waiter
+from celery_lock._types import CleanReport, Lease, LockInfo
+from celery_lock._validate import check_ttl
+from celery_lock.errors import LockBackendUnavailable
+from celery_lock.modes import LockMode
+
+if TYPE_CHECKING:
+    from celery_lock.backends.file import FileLockManager
+    from celery_lock.backends.redis import RedisLockManager
+
+__all__ = ["HybridLockManager"]
+
+#: ``on_transition(state, error)``: state is ``"down"`` (Redis lost, files in use) or ``"up"``.
+TransitionCallback = Callable[[str, "BaseException | None"], object]
+
+
+class HybridLockManager(LockManager):
+    """Redis first; on a connection-class failure, local file locks until Redis answers again.
+
+    On the first failure the manager logs one WARNING, opens its circuit and serves every call
+    from the file backend without touching Redis until ``retry_interval`` seconds have passed;
+    then the next call probes Redis (a failed probe is logged at DEBUG and re-arms the timer); the
+    first success logs one INFO and closes the circuit. A lease is always released and extended
+    on the backend that granted it (``lease.backend``).
+
+    .. warning:: File locks exclude only processes on the **same host**. While Redis is down,
+       two hosts can run the same job; fences are comparable only within one backend.
+
+    :param redis: the Redis manager, or None for file locks only.
+    :param file: the file manager, or None to fail closed (``LockBackendUnavailable``) while
+        Redis is unreachable.
+    :param retry_interval: seconds between Redis probes while the circuit is open.
+    :param on_transition: called as ``on_transition("down", error)`` once per up→down
+        transition and ``on_transition("up", None)`` once per recovery.
+    """
+
+    backend = "hybrid"
+
+    def __init__(
+        self,
+        redis: RedisLockManager | None,
+        file: FileLockManager | None,
+        *,
+        retry_interval: float = 30.0,
+        on_transition: TransitionCallback | None = None,
+    ) -> None:
+        if redis is None and file is None:
+            raise ValueError("HybridLockManager needs a redis manager, a file manager, or both")
+        granting = redis if redis is not None else file
+        assert granting is not None
+        super().__init__(default_ttl=granting.default_ttl)
+        self._redis = redis
+        self._file = file
+        self._retry_interval = check_ttl(retry_interval, name="retry_interval")
+        self._on_transition = on_transition
+        self._state = threading.Lock()
+        #: monotonic time of the next allowed Redis probe; None while the circuit is closed.
+        self._probe_at: float | None = None
+
+    @property
+    def redis(self) -> RedisLockManager | None:
+        return self._redis
+
+    @property
+    def file(self) -> FileLockManager | None:
+        return self._file
+
+    @property
+    def retry_interval(self) -> float:
+        return self._retry_interval
+
+    @property
+    def using_fallback(self) -> bool:
+        """True while Redis is considered down (or absent) and files serve the locks."""
+        return self._redis is None or self._probe_at is not None
+
+    # ------------------------------------------------------------ circuit
+
+    def _redis_due(self) -> RedisLockManager | None:
+        """The Redis manager if this call should use it (circuit closed, or a probe is due)."""
+        redis = self._redis
+        if redis is None:
+            return None
+        probe_at = self._probe_at
+        if probe_at is None or _time.monotonic() >= probe_at:
+            return redis
+        return None
+
+    def _went_down(self, exc: LockBackendUnavailable) -> None:
+        with self._state:
+            first = self._probe_at is None
+            self._probe_at = _time.monotonic() + self._retry_interval
+        if first:
+            if self._file is not None:
+                self._log.warning(
+                    "Redis is unreachable for locks (%s); using local file locks in %s, which "
+                    "exclude only processes on this host; retrying Redis every %.0f s",
+                    exc.__cause__ or exc,
+                    self._file.directory,
+                    self._retry_interval,
+                    extra={"backend": "file", "reason": str(exc.__cause__ or exc)},
+                )
+            else:
+                self._log.warning(
+                    "Redis is unreachable for locks (%s) and no file fallback is configured: "
+                    "lock requests fail until it answers (retrying every %.0f s)",
+                    exc.__cause__ or exc,
+                    self._retry_interval,
+                    extra={"backend": "redis", "reason": str(exc.__cause__ or exc)},
+                )
+            self._notify("down", exc)
+        else:
+            self._log.debug("Redis probe failed: %s", exc, extra={"backend": "redis"})
+
+    def _came_up(self) -> None:
+        if self._probe_at is None:
+            return
+        with self._state:
+            was_down = self._probe_at is not None
+            self._probe_at = None
+        if was_down:
+            self._log.info("Redis answers again; locks are served from Redis")
+            self._notify("up", None)
+
+    def _notify(self, state: str, exc: BaseException | None) -> None:
+        if self._on_transition is not None:
+            try:
+                self._on_transition(state, exc)
+            except Exception:
+                self._log.exception("on_transition callback raised")
+
+    def _need_file(self, exc: LockBackendUnavailable | None) -> FileLockManager:
+        if self._file is None:
+            raise exc or LockBackendUnavailable(
+                "Redis is unreachable for locks and no file fallback is configured",
+                backend="redis",
+            )
+        return self._file
+
+    # ------------------------------------------------------------ API
+
+    def acquire(
+        self,
+        key: str,
+        *,
+        ttl: float | None = None,
+        mode: LockMode | str = LockMode.EXECUTION,
+        timeout: float | None = None,
+        task_id: str | None = None,
+        task_name: str | None = None,
+    ) -> Lease | None:
+        """See :meth:`LockManager.acquire`; ``ttl=None`` uses the default of the backend in
+        use (Redis's while it answers, the file manager's while the circuit is open)."""
+        if ttl is None:
+            current = self._redis if self._redis_due() is not None else self._file
+            ttl = (current or self).default_ttl
+        return super().acquire(
+            key, ttl=ttl, mode=mode, timeout=timeout, task_id=task_id, task_name=task_name
+        )
+
+    def _try_acquire(
+        self, key: str, ttl: float, token: str, task_id: str | None, task_name: str | None
+    ) -> Lease | None:
+        redis = self._redis_due()
+        error: LockBackendUnavailable | None = None
+        if redis is not None:
+            # A key still held in files (granted while Redis was down, by us or another process
+            # on this host) is not granted from Redis until that file lease ends: no same-host
+            # double grant across a transition.
+            if self._file is not None and self._file.is_locked(key):
+                return None
+            try:
+                lease = redis._try_acquire(key, ttl, token, task_id, task_name)  # noqa: SLF001
+            except LockBackendUnavailable as exc:
+                self._went_down(exc)
+                error = exc
+            else:
+                self._came_up()
+                return lease
+        return self._need_file(error)._try_acquire(key, ttl, token, task_id, task_name)  # noqa: SLF001
+
+    def _check_lease(self, lease: object) -> None:
+        if not isinstance(lease, Lease):
+            raise TypeError(f"expected a Lease, got {type(lease).__name__}")
+        if self._manager_for(lease) is None:
+            raise ValueError(
+                f"lease for {lease.key!r} was granted by the {lease.backend!r} backend, "
+                "which this hybrid manager does not have"
+            )
+
+    def _manager_for(self, lease: Lease) -> LockManager | None:
+        if lease.backend == "redis":
+            return self._redis
+        if lease.backend == "file":
+            return self._file
+        return None
+
+    def _release(self, lease: Lease) -> bool:
+        manager = self._manager_for(lease)
+        assert manager is not None
+        try:
+            released = manager._release(lease)  # noqa: SLF001
+        except LockBackendUnavailable as exc:
+            # The lease cannot be confirmed released; it ends with its TTL (the caller is not
+            # given an exception: the work is done and nothing else can be saved).
+            self._went_down(exc)
+            return False
+        if lease.backend == "redis":
+            self._came_up()
+        return released
+
+    def _extend(self, lease: Lease, ttl: float) -> Lease | None:
+        manager = self._manager_for(lease)
+        assert manager is not None
+        try:
+            renewed = manager._extend(lease, ttl)  # noqa: SLF001
+        except LockBackendUnavailable as exc:
+            # Not "lost": the Redis lease may still be valid. Raised so the renewer retries
+            # while the lease lasts (a None would report it lost at once).
+            self._went_down(exc)
+            raise
+        if lease.backend == "redis":
+            self._came_up()
+        return renewed
+
+    def _inspect(self, key: str) -> LockInfo | None:
+        redis = self._redis_due()
+        if redis is not None:
+            try:
+                info = redis._inspect(key)  # noqa: SLF001
+            except LockBackendUnavailable as exc:
+                self._went_down(exc)
+            else:
+                self._came_up()
+                if info is not None:
+                    return info
+        return self._file._inspect(key) if self._file is not None else None  # noqa: SLF001
+
+    def _iter_locks(self) -> Iterator[LockInfo]:
+        redis = self._redis_due()
+        if redis is not None:
+            try:
+                infos = list(redis._iter_locks())  # noqa: SLF001
+            except LockBackendUnavailable as exc:
+                self._went_down(exc)
+            else:
+                self._came_up()
+                yield from infos
+        if self._file is not None:
+            yield from self._file._iter_locks()  # noqa: SLF001
+
+    def _break(self, key: str, *, task_id: str | None, only_if_dead: bool) -> bool:
+        broken = False
+        redis = self._redis_due()
+        if redis is not None:
+            try:
+                broken = redis._break(key, task_id=task_id, only_if_dead=only_if_dead)  # noqa: SLF001
+            except LockBackendUnavailable as exc:
+                self._went_down(exc)
+            else:
+                self._came_up()
+        if self._file is not None:
+            broken = self._file._break(key, task_id=task_id, only_if_dead=only_if_dead) or broken  # noqa: SLF001
+        return broken
+
+    def clean(self, *, dry_run: bool = False) -> CleanReport:
+        report = CleanReport()
+        redis = self._redis_due()
+        if redis is not None:
+            try:
+                report += redis.clean(dry_run=dry_run)
+            except LockBackendUnavailable as exc:
+                self._went_down(exc)
+                report.errors += 1
+            else:
+                self._came_up()
+        if self._file is not None:
+            report += self._file.clean(dry_run=dry_run)
+        return report
+
+    def _waiter(self, key: str) -> Waiter:
+        redis = self._redis_due()
+        if redis is not None:
+            return redis._waiter(key)  # noqa: SLF001
+        return self._need_file(None)._waiter(key)  # noqa: SLF001
