@@ -36,7 +36,7 @@ class LockCleaner:
             raise ValueError("LockCleaner needs at least one manager")
         self.managers: tuple[LockManager, ...] = tuple(managers)
 
-    def clean(self, dry_run: bool = False) -> CleanReport:  # noqa: FBT001, FBT002 - fixed API
+    def clean(self, dry_run: bool = False) -> CleanReport:
         """One pass; with ``dry_run`` nothing is deleted and ``removed`` counts what would go.
 
         A store that cannot be reached counts as one error; the other managers still run.

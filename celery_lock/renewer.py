@@ -178,7 +178,7 @@ class Renewer:
         if handle.on_lost is not None:
             try:
                 handle.on_lost(handle)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a callback bug must not kill the renewer
                 _log.exception("on_lost callback for %s raised", lease.key)
 
 
@@ -190,10 +190,10 @@ def get_renewer() -> Renewer:
     """The process's renewer (a forked child gets a fresh one: threads do not survive fork)."""
     global _renewer  # noqa: PLW0603 - one per process by design
     renewer = _renewer
-    if renewer is None or renewer._pid != os.getpid():  # noqa: SLF001
+    if renewer is None or renewer._pid != os.getpid():
         with _renewer_lock:
             renewer = _renewer
-            if renewer is None or renewer._pid != os.getpid():  # noqa: SLF001
+            if renewer is None or renewer._pid != os.getpid():
                 renewer = _renewer = Renewer()
     return renewer
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time as _time
 from collections.abc import Callable, Iterator
@@ -136,7 +135,7 @@ class HybridLockManager(LockManager):
         if self._on_transition is not None:
             try:
                 self._on_transition(state, exc)
-            except Exception:
+            except Exception:  # noqa: BLE001 - an observer must not break locking
                 self._log.exception("on_transition callback raised")
 
     def _need_file(self, exc: LockBackendUnavailable | None) -> FileLockManager:
@@ -180,14 +179,14 @@ class HybridLockManager(LockManager):
             if self._file is not None and self._file.is_locked(key):
                 return None
             try:
-                lease = redis._try_acquire(key, ttl, token, task_id, task_name)  # noqa: SLF001
+                lease = redis._try_acquire(key, ttl, token, task_id, task_name)
             except LockBackendUnavailable as exc:
                 self._went_down(exc)
                 error = exc
             else:
                 self._came_up()
                 return lease
-        return self._need_file(error)._try_acquire(key, ttl, token, task_id, task_name)  # noqa: SLF001
+        return self._need_file(error)._try_acquire(key, ttl, token, task_id, task_name)
 
     def _check_lease(self, lease: object) -> None:
         if not isinstance(lease, Lease):
@@ -209,7 +208,7 @@ class HybridLockManager(LockManager):
         manager = self._manager_for(lease)
         assert manager is not None
         try:
-            released = manager._release(lease)  # noqa: SLF001
+            released = manager._release(lease)
         except LockBackendUnavailable as exc:
             # The lease cannot be confirmed released; it ends with its TTL (the caller is not
             # given an exception: the work is done and nothing else can be saved).
@@ -223,7 +222,7 @@ class HybridLockManager(LockManager):
         manager = self._manager_for(lease)
         assert manager is not None
         try:
-            renewed = manager._extend(lease, ttl)  # noqa: SLF001
+            renewed = manager._extend(lease, ttl)
         except LockBackendUnavailable as exc:
             # Not "lost": the Redis lease may still be valid. Raised so the renewer retries
             # while the lease lasts (a None would report it lost at once).
@@ -237,40 +236,40 @@ class HybridLockManager(LockManager):
         redis = self._redis_due()
         if redis is not None:
             try:
-                info = redis._inspect(key)  # noqa: SLF001
+                info = redis._inspect(key)
             except LockBackendUnavailable as exc:
                 self._went_down(exc)
             else:
                 self._came_up()
                 if info is not None:
                     return info
-        return self._file._inspect(key) if self._file is not None else None  # noqa: SLF001
+        return self._file._inspect(key) if self._file is not None else None
 
     def _iter_locks(self) -> Iterator[LockInfo]:
         redis = self._redis_due()
         if redis is not None:
             try:
-                infos = list(redis._iter_locks())  # noqa: SLF001
+                infos = list(redis._iter_locks())
             except LockBackendUnavailable as exc:
                 self._went_down(exc)
             else:
                 self._came_up()
                 yield from infos
         if self._file is not None:
-            yield from self._file._iter_locks()  # noqa: SLF001
+            yield from self._file._iter_locks()
 
     def _break(self, key: str, *, task_id: str | None, only_if_dead: bool) -> bool:
         broken = False
         redis = self._redis_due()
         if redis is not None:
             try:
-                broken = redis._break(key, task_id=task_id, only_if_dead=only_if_dead)  # noqa: SLF001
+                broken = redis._break(key, task_id=task_id, only_if_dead=only_if_dead)
             except LockBackendUnavailable as exc:
                 self._went_down(exc)
             else:
                 self._came_up()
         if self._file is not None:
-            broken = self._file._break(key, task_id=task_id, only_if_dead=only_if_dead) or broken  # noqa: SLF001
+            broken = self._file._break(key, task_id=task_id, only_if_dead=only_if_dead) or broken
         return broken
 
     def clean(self, *, dry_run: bool = False) -> CleanReport:
@@ -291,5 +290,5 @@ class HybridLockManager(LockManager):
     def _waiter(self, key: str) -> Waiter:
         redis = self._redis_due()
         if redis is not None:
-            return redis._waiter(key)  # noqa: SLF001
-        return self._need_file(None)._waiter(key)  # noqa: SLF001
+            return redis._waiter(key)
+        return self._need_file(None)._waiter(key)

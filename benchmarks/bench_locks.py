@@ -1,0 +1,210 @@
+"""Lock-layer benchmark: uncontended acquire+release cycles and QUEUE hand-off latency.
+
+Everything is measured in one run against a redis-server this script starts on a free loopback
+port (never the machine's own Redis), and printed as ops/s plus ratios to baselines measured in the
+same run: the raw redis-py ``SET NX PX`` + ``EVALSHA`` compare-and-delete cycle for Redis locks,
+``filelock.FileLock`` for file locks.
+
+    python -m benchmarks.bench_locks [--seconds 1.0] [--rounds 3] [--handoffs 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests._redis_server import RedisServer
+
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def rate(cycle: Callable[[], None], seconds: float) -> float:
+    """Cycles per second of ``cycle`` over about ``seconds``."""
+    for _ in range(50):  # warm-up (script load, connection, caches)
+        cycle()
+    n = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    while True:
+        for _ in range(50):
+            cycle()
+        n += 50
+        now = time.perf_counter()
+        if now >= deadline:
+            return n / (now - started)
+
+
+def cycles(url: str, lock_dir: Path) -> dict[str, Callable[[], None]]:
+    import redis
+
+    from celery_lock import FileLockManager, RedisLockManager
+
+    client = redis.Redis.from_url(url)
+    release = client.register_script(RELEASE_LUA)
+
+    def raw() -> None:
+        token = uuid.uuid4().hex
+        assert client.set("bench:raw", token, nx=True, px=30000)
+        assert release(keys=["bench:raw"], args=[token]) == 1
+
+    rlm = RedisLockManager(client, prefix="bench")
+
+    def ours_redis() -> None:
+        lease = rlm.acquire("k")
+        assert lease is not None
+        assert rlm.release(lease)
+
+    def redis_py() -> None:
+        lock = client.lock("bench:redis-py", timeout=30)
+        assert lock.acquire(blocking=False)
+        lock.release()
+
+    out: dict[str, Callable[[], None]] = {
+        "raw redis-py SET NX PX + EVALSHA": raw,
+        "RedisLockManager": ours_redis,
+        "redis-py Lock": redis_py,
+    }
+    try:
+        import redis_lock  # python-redis-lock
+
+        def prl() -> None:
+            lock = redis_lock.Lock(client, "bench-prl", expire=30)
+            assert lock.acquire(blocking=False)
+            lock.release()
+
+        out["python-redis-lock"] = prl
+    except ImportError:
+        print("(python-redis-lock not installed: skipped)")
+
+    flm = FileLockManager(lock_dir / "ours")
+
+    def ours_file() -> None:
+        lease = flm.acquire("k")
+        assert lease is not None
+        assert flm.release(lease)
+
+    out["FileLockManager"] = ours_file
+    try:
+        import filelock
+
+        fl = filelock.FileLock(str(lock_dir / "filelock.lock"))
+
+        def flk() -> None:
+            fl.acquire(timeout=0)
+            fl.release()
+
+        out["filelock FileLock"] = flk
+    except ImportError:
+        print("(filelock not installed: skipped)")
+    return out
+
+
+# ------------------------------------------------------------------ hand-off
+
+
+def _build(kind: str, url: str, directory: str) -> Any:
+    from celery_lock import FileLockManager, RedisLockManager
+
+    if kind == "redis":
+        return RedisLockManager.from_url(url, prefix="bench-handoff")
+    return FileLockManager(directory)
+
+
+def _waiter(kind: str, url: str, directory: str, rounds: int, ready: Any, out: Any) -> None:
+    manager = _build(kind, url, directory)
+    for _ in range(rounds):
+        ready.wait()
+        lease = manager.acquire("handoff", mode="queue", timeout=10, ttl=30)
+        acquired = time.monotonic()  # CLOCK_MONOTONIC is system-wide on Linux
+        out.put(acquired if lease is not None else None)
+        if lease is not None:
+            manager.release(lease)
+
+
+def handoff(kind: str, url: str, directory: str, rounds: int) -> list[float]:
+    """Milliseconds from the holder's release() returning to the waiter's acquire() returning."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, out = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_waiter, args=(kind, url, directory, rounds, ready, out))
+    proc.start()
+    manager = _build(kind, url, directory)
+    latencies: list[float] = []
+    try:
+        for _ in range(rounds):
+            deadline = time.monotonic() + 10
+            lease = None
+            while lease is None and time.monotonic() < deadline:
+                lease = manager.acquire("handoff", ttl=30)  # the waiter released it
+            assert lease is not None, "holder could not take the lock"
+            ready.set()
+            # A random hold so polling phases are not aligned with the release.
+            time.sleep(random.uniform(0.02, 0.05))
+            ready.clear()
+            manager.release(lease)
+            released = time.monotonic()
+            acquired = out.get(timeout=15)
+            assert acquired is not None, "waiter timed out"
+            latencies.append((acquired - released) * 1000)
+            time.sleep(0.005)  # let the waiter release before the holder takes it again
+    finally:
+        proc.join(timeout=20)
+        if proc.is_alive():
+            proc.kill()
+    return latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="per sample")
+    parser.add_argument("--rounds", type=int, default=3, help="samples per implementation")
+    parser.add_argument("--handoffs", type=int, default=40)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="celery_lock-bench-") as tmp:
+        server = RedisServer(Path(tmp, "redis"))
+        server.start()
+        try:
+            impls = cycles(server.url, Path(tmp))
+            samples: dict[str, list[float]] = {name: [] for name in impls}
+            for _ in range(args.rounds):  # interleaved so drift hits every implementation
+                for name, cycle in impls.items():
+                    samples[name].append(rate(cycle, args.seconds))
+            med = {name: statistics.median(v) for name, v in samples.items()}
+            raw = med["raw redis-py SET NX PX + EVALSHA"]
+            print(f"\nuncontended acquire+release, median of {args.rounds} x {args.seconds:g} s")
+            header = ("implementation", "ops/s", "us/op", "vs raw", "vs filelock")
+            print("{:36} {:>9} {:>8} {:>7} {:>11}".format(*header))
+            flk = med.get("filelock FileLock")
+            for name, value in med.items():
+                vs_file = f"{value / flk:11.2f}" if flk else f"{'-':>11}"
+                print(f"{name:36} {value:9.0f} {1e6 / value:8.1f} {value / raw:7.2f} {vs_file}")
+
+            print(
+                f"\nQUEUE hand-off latency (release -> waiting process acquires), n={args.handoffs}"
+            )
+            print(f"{'backend':36} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8}")
+            for kind in ("redis", "file"):
+                lat = handoff(kind, server.url, str(Path(tmp, "handoff")), args.handoffs)
+                print(f"{kind:36} {pct(lat, 0.5):8.2f} {pct(lat, 0.9):8.2f} {max(lat):8.2f}")
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

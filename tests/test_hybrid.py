@@ -1,0 +1,254 @@
+"""HybridLockManager: Redis first, file fallback, one log line per transition, leases routed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from celery_lock import (
+    FileLockManager,
+    HybridLockManager,
+    LockBackendUnavailable,
+    LockCleaner,
+    LockMode,
+    RedisLockManager,
+)
+from tests._contention import run_contention
+from tests._redis_server import RedisServer
+
+
+@pytest.fixture
+def parts(fake_redis, lock_dir: Path):  # type: ignore[no-untyped-def]
+    redis = RedisLockManager(fake_redis, default_ttl=30)
+    file = FileLockManager(lock_dir, default_ttl=20)
+    return fake_redis.fake_server, redis, file
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, manager: object, name: str) -> list[int]:
+    calls: list[int] = []
+    original = getattr(manager, name)
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(manager, name, wrapper)
+    return calls
+
+
+def records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "celery_lock.hybrid" and r.levelno == level]
+
+
+def test_needs_at_least_one_backend() -> None:
+    with pytest.raises(ValueError, match="needs a redis manager, a file manager, or both"):
+        HybridLockManager(None, None)
+
+
+def test_redis_first_then_files_then_redis_again(
+    parts, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="celery_lock")
+    server, redis, file = parts
+    transitions: list[tuple[str, object]] = []
+    hybrid = HybridLockManager(
+        redis, file, retry_interval=0.3, on_transition=lambda s, e: transitions.append((s, e))
+    )
+    up = hybrid.acquire("a")
+    assert up is not None and up.backend == "redis" and up.ttl == 30.0
+    assert not hybrid.using_fallback
+
+    server.connected = False
+    redis_calls = count_calls(monkeypatch, redis, "_try_acquire")
+    down = hybrid.acquire("b")
+    assert down is not None and down.backend == "file"
+    assert down.ttl == 20.0  # ttl=None: the granting manager's default
+    assert hybrid.using_fallback
+    for i in range(20):  # circuit open: Redis is not touched
+        lease = hybrid.acquire(f"c{i}")
+        assert lease is not None and lease.backend == "file"
+        assert hybrid.release(lease)
+    assert len(redis_calls) == 1
+    (warning,) = records(caplog, logging.WARNING)
+    assert "only processes on this host" in warning.getMessage()
+    assert str(file.directory) in warning.getMessage()
+
+    # The redis lease is released on redis even while the circuit is open... once it is back.
+    time.sleep(0.35)
+    assert hybrid.acquire("d").backend == "file"  # type: ignore[union-attr] # probe fails
+    assert len(redis_calls) == 2
+    assert any("probe failed" in r.getMessage() for r in records(caplog, logging.DEBUG))
+    assert len(records(caplog, logging.WARNING)) == 1
+
+    server.connected = True
+    time.sleep(0.35)
+    back = hybrid.acquire("e")
+    assert back is not None and back.backend == "redis"
+    assert not hybrid.using_fallback
+    assert len(records(caplog, logging.INFO)) == 1
+    assert [s for s, _ in transitions] == ["down", "up"]
+    assert isinstance(transitions[0][1], LockBackendUnavailable)
+
+    # Leases go back to the backend that granted them.
+    assert hybrid.release(down) is True
+    assert not file.is_locked("b")
+    assert hybrid.release(up) is True
+    assert not redis.is_locked("a")
+
+
+def test_file_held_key_is_not_granted_from_redis_after_recovery(parts) -> None:
+    server, redis, file = parts
+    hybrid = HybridLockManager(redis, file, retry_interval=0.05)
+    server.connected = False
+    held = hybrid.acquire("job")
+    assert held is not None and held.backend == "file"
+    server.connected = True
+    time.sleep(0.1)
+    assert hybrid.acquire("job") is None  # still held in files
+    assert hybrid.is_locked("job")
+    assert hybrid.inspect("job").backend == "file"  # type: ignore[union-attr]
+    assert hybrid.release(held)
+    lease = hybrid.acquire("job")
+    assert lease is not None and lease.backend == "redis"
+
+
+def test_reads_use_files_while_circuit_open(parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, redis, file = parts
+    hybrid = HybridLockManager(redis, file, retry_interval=60)
+    server.connected = False
+    lease = hybrid.acquire("k")
+    assert lease is not None
+    inspects = count_calls(monkeypatch, redis, "_inspect")
+    assert hybrid.is_locked("k")
+    info = hybrid.inspect("k")
+    assert info is not None and info.backend == "file"
+    assert [i.key for i in hybrid.iter_locks()] == ["k"]
+    assert inspects == []
+    assert hybrid.break_lock("k") is True
+    assert not hybrid.is_locked("k")
+
+
+def test_fail_closed_without_file(parts) -> None:
+    server, redis, _file = parts
+    hybrid = HybridLockManager(redis, None, retry_interval=60)
+    server.connected = False
+    with pytest.raises(LockBackendUnavailable):
+        hybrid.acquire("k")
+    with pytest.raises(LockBackendUnavailable), hybrid.lock("k"):
+        pass
+    with pytest.raises(LockBackendUnavailable):  # circuit open: still fails closed
+        hybrid.acquire("k", mode=LockMode.QUEUE, timeout=0.1)
+
+
+def test_file_only(lock_dir: Path) -> None:
+    hybrid = HybridLockManager(None, FileLockManager(lock_dir))
+    assert hybrid.using_fallback
+    with hybrid.lock("k") as lease:
+        assert lease.backend == "file"
+        assert hybrid.acquire("k") is None
+
+
+def test_redis_lease_release_and_extend_during_outage(parts) -> None:
+    server, redis, file = parts
+    hybrid = HybridLockManager(redis, file, retry_interval=60)
+    lease = hybrid.acquire("k")
+    assert lease is not None and lease.backend == "redis"
+    server.connected = False
+    with pytest.raises(LockBackendUnavailable):  # not "lost": the renewer retries
+        hybrid.extend(lease)
+    assert hybrid.release(lease) is False  # cannot be confirmed; no exception
+    server.connected = True
+    assert redis.is_locked("k")  # it ends with its TTL
+
+
+def test_queue_wait_and_lease_type_checks(parts) -> None:
+    _server, redis, file = parts
+    hybrid = HybridLockManager(redis, file)
+    held = hybrid.acquire("q")
+    assert held is not None
+    assert hybrid.acquire("q", mode="queue", timeout=0.05) is None
+    only_redis = HybridLockManager(redis, None)
+    file_lease = file.acquire("x")
+    assert file_lease is not None
+    with pytest.raises(ValueError, match="does not have"):
+        only_redis.release(file_lease)
+    with pytest.raises(TypeError):
+        hybrid.release("x")  # type: ignore[arg-type]
+
+
+def test_cleaner_over_hybrid_counts_an_unreachable_store(parts) -> None:
+    server, redis, file = parts
+    hybrid = HybridLockManager(redis, file, retry_interval=60)
+    assert hybrid.acquire("k") is not None
+    report = LockCleaner(hybrid).clean(dry_run=True)
+    assert (report.scanned, report.removed, report.errors) == (1, 0, 0)
+    server.connected = False
+    report = LockCleaner([hybrid, redis]).clean()
+    assert report.errors >= 1
+
+
+def test_cleaner_rejects_bad_input() -> None:
+    with pytest.raises(TypeError):
+        LockCleaner([object()])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="at least one"):
+        LockCleaner([])
+
+
+@pytest.mark.redis
+def test_real_redis_stopped_and_restarted(
+    own_redis_server: RedisServer, lock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="celery_lock")
+    hybrid = HybridLockManager(
+        RedisLockManager.from_url(own_redis_server.url),
+        FileLockManager(lock_dir),
+        retry_interval=0.5,
+    )
+    lease = hybrid.acquire("warm")
+    assert lease is not None and lease.backend == "redis"
+    own_redis_server.stop()
+
+    started = time.monotonic()
+    first = hybrid.acquire("k0")
+    decided = time.monotonic() - started
+    assert first is not None and first.backend == "file"
+    assert decided <= 0.25, f"first call after the outage took {decided:.3f} s"
+
+    started = time.monotonic()
+    for i in range(200):
+        lease = hybrid.acquire(f"k{i + 1}")
+        assert lease is not None and lease.backend == "file"
+        assert hybrid.release(lease)
+    per_cycle = (time.monotonic() - started) / 200
+    assert per_cycle < 0.01, f"{per_cycle * 1e3:.2f} ms per cycle: Redis is being retried"
+    assert len(records(caplog, logging.WARNING)) == 1
+
+    own_redis_server.start()
+    deadline = time.monotonic() + 5
+    backend = "file"
+    while backend == "file" and time.monotonic() < deadline:
+        lease = hybrid.acquire("after")
+        assert lease is not None
+        backend = lease.backend
+        hybrid.release(lease)
+        time.sleep(0.05)
+    assert backend == "redis"
+    assert len(records(caplog, logging.INFO)) == 1
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_hybrid_contention_six_processes(redis_server: RedisServer, tmp_path: Path) -> None:
+    result = run_contention(
+        "tests.factories:hybrid_manager",
+        {"url": redis_server.url_db(10), "directory": str(tmp_path / "locks")},
+        workdir=tmp_path / "work",
+    )
+    assert result.errors == []
+    assert result.overlaps == 0
+    assert result.acquired == result.final_count == 900
+    assert result.fences_increasing
+    assert set(result.backends) == {"redis"}

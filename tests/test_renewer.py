@@ -1,0 +1,133 @@
+"""One renewer thread per process: renews, rides out transient errors, reports real loss."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+from celery_lock import LockLost, get_renewer
+from celery_lock.renewer import Renewer
+from tests._memory import MemoryLockManager
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+def test_keeps_leases_alive_with_one_thread() -> None:
+    m = MemoryLockManager()
+    renewer = Renewer()
+    leases = [m.acquire(f"k{i}", ttl=0.3) for i in range(5)]
+    before = set(threading.enumerate())
+    handles = [renewer.register(m, lease) for lease in leases if lease is not None]
+    time.sleep(0.8)  # > 2 TTLs: without renewal every lease would have expired
+    assert all(m.is_locked(f"k{i}") for i in range(5))
+    started = [t for t in set(threading.enumerate()) - before if t.name == "celery_lock-renewer"]
+    assert len(started) == 1  # one thread for five leases
+    assert len(renewer) == 5
+    for h in handles:
+        assert not h.lost
+        assert h.lease.expires_at > leases[0].expires_at  # type: ignore[union-attr]
+        h.cancel()
+    assert len(renewer) == 0
+
+
+def test_reports_a_lease_taken_over(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="celery_lock")
+    m = MemoryLockManager()
+    lease = m.acquire("k", ttl=0.3)
+    assert lease is not None
+    lost = threading.Event()
+    handle = Renewer().register(m, lease, on_lost=lambda h: lost.set())
+    m.held.clear()
+    assert m.acquire("k") is not None  # somebody else now holds it
+    assert lost.wait(2)
+    assert handle.lost
+    with pytest.raises(LockLost):
+        handle.ensure_held()
+    (record,) = [r for r in caplog.records if r.name == "celery_lock.renewer"]
+    assert record.levelno == logging.ERROR
+    assert record.lock_key == "k"  # type: ignore[attr-defined]
+
+
+def test_rides_out_transient_errors_while_valid() -> None:
+    m = MemoryLockManager()
+    lease = m.acquire("k", ttl=1.5)
+    assert lease is not None
+    handle = Renewer().register(m, lease, interval=0.1)
+    m.down = True
+    time.sleep(0.6)  # several failed renewals, lease still valid
+    assert not handle.lost
+    m.down = False
+    assert wait_for(lambda: handle.lease.expires_at > lease.expires_at)
+    assert not handle.lost
+    handle.cancel()
+
+
+def test_lost_when_errors_last_until_expiry() -> None:
+    m = MemoryLockManager()
+    lease = m.acquire("k", ttl=0.6)
+    assert lease is not None
+    calls: list[object] = []
+    handle = Renewer().register(m, lease, on_lost=calls.append, interval=0.1)
+    m.down = True
+    assert wait_for(lambda: handle.lost, timeout=3)
+    assert calls == [handle]
+
+
+def test_callback_errors_are_contained(caplog: pytest.LogCaptureFixture) -> None:
+    m = MemoryLockManager()
+    lease = m.acquire("k", ttl=0.3)
+    assert lease is not None
+
+    def boom(_h: object) -> None:
+        raise RuntimeError("callback bug")
+
+    renewer = Renewer()
+    handle = renewer.register(m, lease, on_lost=boom)
+    m.held.clear()
+    assert wait_for(lambda: handle.lost)
+    assert wait_for(lambda: any("callback" in r.getMessage() for r in caplog.records))
+    # The thread survived the callback's exception and still renews others.
+    other = m.acquire("other", ttl=0.3)
+    assert other is not None
+    h2 = renewer.register(m, other)
+    time.sleep(0.5)
+    assert m.is_locked("other") and not h2.lost
+    h2.cancel()
+
+
+def test_cancelled_lease_is_not_reported_lost() -> None:
+    m = MemoryLockManager()
+    lease = m.acquire("k", ttl=0.3)
+    assert lease is not None
+    calls: list[object] = []
+    handle = Renewer().register(m, lease, on_lost=calls.append)
+    handle.cancel()
+    m.release(lease)
+    time.sleep(0.3)
+    assert calls == [] and not handle.lost
+
+
+def test_forked_child_gets_its_own_renewer() -> None:
+    parent = get_renewer()
+    assert get_renewer() is parent
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        ok = get_renewer() is not parent
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
+    os.waitpid(pid, 0)
