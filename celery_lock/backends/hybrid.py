@@ -65,6 +65,8 @@ class HybridLockManager(LockManager):
         self._state = threading.Lock()
         #: monotonic time of the next allowed Redis probe; None while the circuit is closed.
         self._probe_at: float | None = None
+        #: Per-thread facts about the acquire call in progress (was its ttl defaulted?).
+        self._call = threading.local()
 
     @property
     def redis(self) -> RedisLockManager | None:
@@ -103,7 +105,7 @@ class HybridLockManager(LockManager):
             if self._file is not None:
                 self._log.warning(
                     "Redis is unreachable for locks (%s); using local file locks in %s, which "
-                    "exclude only processes on this host; retrying Redis every %.0f s",
+                    "exclude only processes on this host; retrying Redis every %g s",
                     exc.__cause__ or exc,
                     self._file.directory,
                     self._retry_interval,
@@ -112,7 +114,7 @@ class HybridLockManager(LockManager):
             else:
                 self._log.warning(
                     "Redis is unreachable for locks (%s) and no file fallback is configured: "
-                    "lock requests fail until it answers (retrying every %.0f s)",
+                    "lock requests fail until it answers (retrying every %g s)",
                     exc.__cause__ or exc,
                     self._retry_interval,
                     extra={"backend": "redis", "reason": str(exc.__cause__ or exc)},
@@ -158,14 +160,15 @@ class HybridLockManager(LockManager):
         task_id: str | None = None,
         task_name: str | None = None,
     ) -> Lease | None:
-        """See :meth:`LockManager.acquire`; ``ttl=None`` uses the default of the backend in
-        use (Redis's while it answers, the file manager's while the circuit is open)."""
-        if ttl is None:
-            current = self._redis if self._redis_due() is not None else self._file
-            ttl = (current or self).default_ttl
-        return super().acquire(
-            key, ttl=ttl, mode=mode, timeout=timeout, task_id=task_id, task_name=task_name
-        )
+        """See :meth:`LockManager.acquire`; ``ttl=None`` uses the default of the backend that
+        grants the lease (Redis's while it answers, the file manager's while it does not)."""
+        self._call.ttl_defaulted = ttl is None
+        try:
+            return super().acquire(
+                key, ttl=ttl, mode=mode, timeout=timeout, task_id=task_id, task_name=task_name
+            )
+        finally:
+            self._call.ttl_defaulted = False
 
     def _try_acquire(
         self, key: str, ttl: float, token: str, task_id: str | None, task_name: str | None
@@ -186,7 +189,11 @@ class HybridLockManager(LockManager):
             else:
                 self._came_up()
                 return lease
-        return self._need_file(error)._try_acquire(key, ttl, token, task_id, task_name)
+        file = self._need_file(error)
+        if getattr(self._call, "ttl_defaulted", False):
+            # The backend is chosen here, per attempt, so its default is applied here too.
+            ttl = file.default_ttl
+        return file._try_acquire(key, ttl, token, task_id, task_name)
 
     def _check_lease(self, lease: object) -> None:
         if not isinstance(lease, Lease):
