@@ -22,6 +22,22 @@ from celery_lock.modes import LockMode
 __all__ = ["LockManager", "Waiter"]
 
 
+#: Characters that never need escaping in a JSON string (the common case for keys, task ids
+#: and task names); anything else goes through json.dumps.
+_PLAIN_JSON = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:-_/@#!$%&'()*+,;<=>?[]^`|~{}"
+)
+
+
+def _json_str(value: str | None) -> str:
+    """``json.dumps(value)`` for a str or None, without the encoder for plain text (hot path)."""
+    if value is None:
+        return "null"
+    if _PLAIN_JSON.issuperset(value):
+        return f'"{value}"'
+    return json.dumps(value)
+
+
 class Waiter:
     """Waits between QUEUE-mode attempts; backends with a release signal override :meth:`wait`."""
 
@@ -280,8 +296,8 @@ class LockManager(abc.ABC):
         """Holder metadata as a JSON object text (token and fence are added by the backend)."""
         ident = _identity.current()
         return (
-            f'{{"v":1,"key":{json.dumps(key)},{ident.json_fragment},'
-            f'"task_id":{json.dumps(task_id)},"task_name":{json.dumps(task_name)},'
+            f'{{"v":1,"key":{_json_str(key)},{ident.json_fragment},'
+            f'"task_id":{_json_str(task_id)},"task_name":{_json_str(task_name)},'
             f'"acquired":{now!r},"ttl":{ttl!r}}}'
         )
 

@@ -164,3 +164,28 @@ def test_nothing_above_debug_on_the_hot_path(caplog: pytest.LogCaptureFixture) -
         m.extend(lease)
         m.release(lease)
     assert all(r.levelno <= logging.DEBUG for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        "",
+        "abc",
+        "proj.tasks.sync:{1}",
+        'a"b',
+        "back\\slash",
+        "ü",
+        "tab\t",
+        "\u2028",
+        "x" * 500,
+    ],
+)
+def test_metadata_strings_are_exact_json(value: str | None) -> None:
+    import json
+
+    from celery_lock._base import _json_str
+
+    assert json.loads(_json_str(value)) == value
+    if value is not None:
+        assert _json_str(value) == json.dumps(value)

@@ -1,0 +1,1 @@
+"""Lock backends: Redis, local files, and the hybrid of the two."""

@@ -1,0 +1,337 @@
+"""FileLockManager under concurrency: threads, fork, processes, SIGKILL, SIGSTOP, cleaner races."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from celery_lock._types import Lease
+from celery_lock.backends.file import FileLockManager, _file_name
+from celery_lock.errors import LockBackendUnavailable
+from tests._contention import ContentionResult, run_contention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: A holder in its own interpreter: acquires, reports its lease as JSON, waits for a line on
+#: stdin, then tries extend and release and reports what they returned.
+HOLDER = """
+import json, sys
+from celery_lock.backends.file import FileLockManager
+manager = FileLockManager(sys.argv[1])
+lease = manager.acquire(sys.argv[2], ttl=float(sys.argv[3]))
+print(json.dumps({"fence": lease.fence, "token": lease.token}), flush=True)
+sys.stdin.readline()
+extended = manager.extend(lease)
+print(json.dumps({"extend": extended is not None, "release": manager.release(lease)}), flush=True)
+"""
+
+
+@pytest.fixture
+def holder(lock_dir: Path) -> Iterator[list[subprocess.Popen[str]]]:
+    """Holder processes started by the test; killed and reaped whatever happens."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def start_holder(
+    procs: list[subprocess.Popen[str]], lock_dir: Path, key: str, ttl: float
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock_dir), key, str(ttl)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    procs.append(proc)
+    line = read_line(proc)
+    assert line, "holder process died before acquiring"
+    return proc, json.loads(line)
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """One line from ``proc``'s stdout, waiting at most ``timeout`` seconds for it."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no output from the holder within {timeout} s"
+    return proc.stdout.readline()
+
+
+def same_bucket_key(key: str) -> str:
+    bucket = _file_name(key)[:2]
+    for i in range(100_000):
+        candidate = f"{key}-{i}"
+        if _file_name(candidate)[:2] == bucket:
+            return candidate
+    raise AssertionError("no key found in the same bucket")
+
+
+def fork_and_wait(child: Callable[[], int]) -> int:
+    """Run ``child()`` in a forked child; return its exit code (0 = the child's checks held)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads around
+        pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            code = child()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+# ------------------------------------------------------------------------------- threads
+
+
+def test_threads_never_overlap_and_fences_increase(lock_dir: Path) -> None:
+    # Two managers on one directory, four threads each: in-process exclusion comes from the
+    # bucket's thread lock within a manager and from flock between the managers.
+    managers = [FileLockManager(lock_dir), FileLockManager(lock_dir)]
+    occupant: list[int | None] = [None]
+    overlaps: list[int] = []
+    fences: list[int] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + 60
+
+    def work(ident: int) -> None:
+        manager = managers[ident % 2]
+        for _ in range(200):
+            if time.monotonic() > deadline:
+                errors.append("deadline")
+                return
+            lease = manager.acquire("shared", mode="queue", timeout=20, ttl=30)
+            if lease is None:
+                errors.append("timed out")
+                continue
+            if occupant[0] is not None:
+                overlaps.append(ident)
+            occupant[0] = ident
+            fences.append(lease.fence)
+            time.sleep(0)  # let another thread run inside the critical section if it can
+            if occupant[0] != ident:
+                overlaps.append(ident)
+            occupant[0] = None
+            if not manager.release(lease):
+                errors.append("release failed")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not any(thread.is_alive() for thread in threads)
+    assert (overlaps, errors) == ([], [])
+    assert len(fences) == 1600
+    assert all(a < b for a, b in zip(fences, fences[1:]))
+
+
+@pytest.mark.parametrize("managers", [1, 2], ids=["one manager", "two managers"])
+def test_racing_threads_break_a_stale_lock_only_once(lock_dir: Path, managers: int) -> None:
+    # link() alone keeps fresh acquisitions exclusive; breaking a stale lock (rename over it)
+    # relies on the guard: with one manager on the thread lock, with two on flock.
+    pool = [FileLockManager(lock_dir) for _ in range(managers)]
+    path = lock_dir / _file_name("job")
+    for round_ in range(30):
+        stale = {"key": "job", "token": f"stale{round_}", "fence": 1, "expires": time.time() - 1}
+        path.write_text(json.dumps(stale))
+        barrier = threading.Barrier(8)
+        winners: list[Lease] = []
+
+        def race(ident: int) -> None:
+            barrier.wait(10)
+            lease = pool[ident % managers].acquire("job", ttl=30)
+            if lease is not None:
+                winners.append(lease)
+
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(winners) == 1, f"round {round_}: {len(winners)} winners"
+        assert pool[0].release(winners[0])
+
+
+# ---------------------------------------------------------------------------------- fork
+
+
+def test_forked_child_reopens_guards(lock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manager = FileLockManager(lock_dir)
+    lease = manager.acquire("k")
+    assert lease is not None  # the guard fd of this bucket is now open and cached
+    bucket = _file_name("k")[:2]
+    guard_fd = manager._fds.guards[bucket]
+    monkeypatch.setattr("celery_lock.backends.file._GUARD_TIMEOUT", 0.3)
+    other_key = same_bucket_key("k")
+
+    def child() -> int:
+        # Sharing the parent's open file description would make this flock "succeed" while
+        # the parent holds it; a reopened guard must wait and give up.
+        try:
+            manager.acquire(other_key)
+        except LockBackendUnavailable:
+            return 0
+        return 1
+
+    fcntl.flock(guard_fd, fcntl.LOCK_EX)  # the parent is inside a critical section
+    try:
+        assert fork_and_wait(child) == 0
+    finally:
+        fcntl.flock(guard_fd, fcntl.LOCK_UN)
+    assert manager.release(lease)
+
+
+def test_forked_child_gets_fresh_thread_locks(lock_dir: Path) -> None:
+    manager = FileLockManager(lock_dir)
+    bucket_lock = manager._bucket_locks[_file_name("k")[:2]]
+
+    def child() -> int:
+        # The parent's thread held the bucket lock at fork time; it does not exist here.
+        started = time.monotonic()
+        lease = manager.acquire("k")
+        ok = lease is not None and manager.release(lease) and time.monotonic() - started < 1
+        return 0 if ok else 1
+
+    with bucket_lock:
+        assert fork_and_wait(child) == 0
+    assert manager.acquire("k") is not None
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def test_processes_never_overlap(lock_dir: Path, tmp_path: Path) -> None:
+    result = run_contention(
+        "tests.factories:file_manager",
+        {"directory": str(lock_dir)},
+        workdir=tmp_path / "work",
+        processes=6,
+        iterations=150,
+    )
+    assert result.errors == []
+    assert result.overlaps == 0
+    assert result.acquired == result.final_count == 900
+    assert result.fences_increasing
+    assert set(result.backends) == {"file"}
+
+
+def test_sigkilled_holder_is_replaced_within_100_ms(
+    lock_dir: Path, holder: list[subprocess.Popen[str]]
+) -> None:
+    proc, held = start_holder(holder, lock_dir, "job", ttl=300)
+    manager = FileLockManager(lock_dir)
+    assert manager.acquire("job") is None
+    proc.kill()  # not reaped: the zombie must count as dead too
+    killed = time.monotonic()
+    lease = None
+    for _ in range(2000):
+        lease = manager.acquire("job")
+        if lease is not None or time.monotonic() - killed > 2:
+            break
+        time.sleep(0.001)
+    recovered = time.monotonic() - killed
+    assert lease is not None
+    assert recovered < 0.1, f"took {recovered * 1000:.1f} ms"
+    assert lease.fence > held["fence"]
+
+
+def test_holder_paused_past_its_ttl_loses_the_lock(
+    lock_dir: Path, holder: list[subprocess.Popen[str]]
+) -> None:
+    proc, held = start_holder(holder, lock_dir, "job", ttl=0.3)
+    manager = FileLockManager(lock_dir)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert manager.acquire("job") is None  # a stopped process is alive
+        deadline = time.monotonic() + 5
+        lease = None
+        for _ in range(1000):
+            lease = manager.acquire("job", ttl=30)
+            if lease is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert lease is not None
+        assert lease.fence > held["fence"]
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert json.loads(read_line(proc)) == {"extend": False, "release": False}
+    assert proc.wait(timeout=10) == 0
+    info = manager.inspect("job")
+    assert info is not None
+    assert (info.token_prefix, info.fence) == (lease.token[:8], lease.fence)
+    assert manager.release(lease)
+
+
+def test_cleaner_racing_live_locks_never_removes_one(lock_dir: Path, tmp_path: Path) -> None:
+    # Contender processes hammer one key (occupancy marker + counter); here, one thread keeps
+    # planting locks that expire at once (on the contended key, so contenders and the cleaner
+    # race to break them, and on a side key) while the main thread cleans without pause. A
+    # cleaner that deleted a live lock would let two contenders in (overlap) or make a
+    # holder's release return False (an error).
+    planter, cleaner = FileLockManager(lock_dir), FileLockManager(lock_dir)
+    outcome: dict[str, ContentionResult] = {}
+    done = threading.Event()
+
+    def contend() -> None:
+        try:
+            outcome["result"] = run_contention(
+                "tests.factories:file_manager",
+                {"directory": str(lock_dir)},
+                workdir=tmp_path / "work",
+                processes=3,
+                iterations=100,
+            )
+        finally:
+            done.set()
+
+    def plant() -> None:
+        for _ in range(20_000):
+            if done.is_set():
+                return
+            planter.acquire("contended", ttl=0.001)
+            planter.acquire("side", ttl=0.001)
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=contend), threading.Thread(target=plant)]
+    for thread in threads:
+        thread.start()
+    removed = errors = passes = 0
+    deadline = time.monotonic() + 120
+    while not done.is_set() and time.monotonic() < deadline:
+        report = cleaner.clean()
+        removed += report.removed
+        errors += report.errors
+        passes += 1
+        time.sleep(0.001)
+    for thread in threads:
+        thread.join(30)
+    result = outcome["result"]
+    assert result.errors == []
+    assert result.overlaps == 0
+    assert result.acquired == result.final_count == 300
+    assert result.fences_increasing
+    assert errors == 0
+    assert passes > 10 and removed > 0  # the cleaner really ran, and really removed locks
