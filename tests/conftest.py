@@ -61,3 +61,13 @@ def lock_dir(tmp_path: Path) -> Path:
 def caplog_debug(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.DEBUG, logger="celery_lock")
     return caplog
+
+
+@pytest.fixture(scope="module")
+def module_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server for one test module (broker, results and locks of its Celery workers), so
+    no other module's FLUSHDB or fault injection can reach it."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-module"))
+    server.start()
+    yield server
+    server.stop()

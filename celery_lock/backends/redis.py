@@ -1,0 +1,638 @@
+"""Redis backend: fenced one-round-trip acquire, compare-token release/extend, pub/sub wake-ups."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time as _time
+from collections.abc import Iterator
+from typing import Any, Final, TypeAlias
+
+import redis
+from redis.backoff import NoBackoff
+from redis.client import PubSub
+from redis.cluster import RedisCluster
+from redis.exceptions import (
+    ClusterError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+)
+from redis.retry import Retry
+
+from celery_lock import _identity
+from celery_lock._base import LockManager, Waiter
+from celery_lock._types import CleanReport, Lease, LockInfo
+from celery_lock.errors import LockBackendUnavailable
+
+__all__ = ["RedisLockManager", "is_connection_error"]
+
+#: What a :class:`RedisLockManager` talks to: ``redis.Redis`` (also ``fakeredis.FakeRedis`` and
+#: a Sentinel master client, both subclasses) or ``redis.cluster.RedisCluster``.
+RedisClient: TypeAlias = "redis.Redis | RedisCluster"
+
+#: Fence counters live at least this long after the last acquire (ms); see ``_ACQUIRE``.
+_MIN_FENCE_TTL_MS: Final = 60_000
+
+#: Everything a redis-py call can raise: its own errors, cluster set-up errors (not RedisError
+#: subclasses) and raw socket errors.
+_CLIENT_ERRORS: Final = (RedisError, RedisClusterException, OSError)
+
+#: Exception classes that mean "the store cannot be reached right now" (retrying, or falling
+#: back to files, is the right answer). ``BusyLoadingError`` (LOADING), ``AuthenticationError``
+#: and Sentinel's ``MasterNotFoundError`` are ``redis.ConnectionError`` subclasses;
+#: ``MasterDownError`` (MASTERDOWN) is a ``ClusterDownError``, itself a ``ClusterError``.
+_CONNECTION_ERRORS: Final = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ReadOnlyError,
+    ClusterError,
+    SlotNotCoveredError,
+    OSError,
+)
+
+#: Reply prefixes of the same failures when they come back as a plain ``ResponseError``: an error
+#: raised by ``redis.call`` inside a Lua script is not mapped to its own class by redis-py.
+_CONNECTION_REPLIES: Final = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "NOAUTH")
+
+#: Characters with a meaning in a ``SCAN MATCH`` pattern, escaped in the prefix.
+_GLOB_ESCAPES: Final = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+
+# Scripts compare the token by prefix: a lock value is "<token> <fence> <json-metadata>" and a
+# token never contains a space, so "<token> " cannot match another holder's value.
+# Requires Redis >= 5 (script effects replication: the acquire script writes after TIME).
+
+
+class _Script:
+    """A Lua script registered once per class and run by EVALSHA.
+
+    redis-py's ``Script`` does the same, but its ``__call__`` also builds argument tuples and
+    tests ``isinstance(client, Pipeline)``, a ``typing.Protocol`` check (~1.5 us per call here,
+    twice per lock cycle, on a path whose whole Python budget is ~10 us).
+    """
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        # Redis names scripts by their SHA1.
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    def __call__(self, client: RedisClient, numkeys: int, *keys_and_args: str | int | bytes) -> Any:
+        # execute_command is what client.evalsha() ends in, two Python frames later.
+        try:
+            return client.execute_command("EVALSHA", self.sha, numkeys, *keys_and_args)  # type: ignore[no-untyped-call]
+        except NoScriptError:
+            # The server's script cache is empty after a restart, a failover or SCRIPT FLUSH.
+            client.script_load(self.source)
+            return client.execute_command("EVALSHA", self.sha, numkeys, *keys_and_args)  # type: ignore[no-untyped-call]
+
+
+_ACQUIRE: Final = _Script(
+    """
+-- Acquire, or confirm that we already hold the lock (a retried call after a lost reply).
+-- KEYS[1] lock key, KEYS[2] fence counter (same hash tag)
+-- ARGV[1] token, ARGV[2] holder metadata (JSON), ARGV[3] lease ttl (ms),
+-- ARGV[4] fence counter ttl (ms)
+-- returns {1, fence} acquired; {2, fence} already ours (ttl refreshed);
+--         {0, pttl, value} held by someone else (their value carries holder metadata)
+local value = redis.call('GET', KEYS[1])
+if value then
+  if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    return {2, string.match(value, '^%S+ (%d+)')}
+  end
+  return {0, redis.call('PTTL', KEYS[1]), value}
+end
+local fence
+local n = redis.call('INCR', KEYS[2])
+if n == 1 then
+  -- A new (or expired) counter starts at the server clock in microseconds. Acquires of a key
+  -- run one after another and each takes more than a microsecond, so a counter never runs
+  -- ahead of the clock and the new one starts above every fence handed out before, unless the
+  -- clock went back by more than the >= 60 s the old counter sat idle. Built from TIME's
+  -- strings: Lua would print a number this large as 1.7e+15.
+  local t = redis.call('TIME')
+  fence = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
+  redis.call('SET', KEYS[2], fence)
+else
+  fence = string.format('%.0f', n)
+end
+-- Refreshed per acquire, so counters of keys that are no longer used disappear.
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. fence .. ' ' .. ARGV[2], 'PX', ARGV[3])
+return {1, fence}
+"""
+)
+
+_RELEASE: Final = _Script(
+    """
+-- Release: delete the lock only while it still holds our token, then wake the waiters.
+-- KEYS[1] lock key; ARGV[1] token, ARGV[2] wake-up channel
+-- returns 1 deleted, 0 not ours (expired or taken over: left alone)
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], '1')
+  return 1
+end
+return 0
+"""
+)
+
+_EXTEND: Final = _Script(
+    """
+-- Extend: reset the lease ttl only while the lock still holds our token.
+-- KEYS[1] lock key; ARGV[1] token, ARGV[2] new ttl (ms, >= 1: PEXPIRE 0 would delete the key,
+-- redis/redis-py#4279)
+-- returns 1 renewed, 0 not ours
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+)
+
+_BREAK: Final = _Script(
+    """
+-- Break: delete a lock judged breakable (dead holder, cleaner, break_lock) only if it still
+-- holds exactly the value that was judged, so a successor's lock is never deleted.
+-- KEYS[1] lock key; ARGV[1] the exact value read before, ARGV[2] wake-up channel
+-- returns 1 deleted (waiters woken), 0 the lock changed meanwhile (left alone)
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], '1')
+  return 1
+end
+return 0
+"""
+)
+
+_INSPECT: Final = _Script(
+    """
+-- Inspect: value and remaining ttl in one round trip, read atomically.
+-- KEYS[1] lock key
+-- returns nil when free, else {value, pttl ms}
+local value = redis.call('GET', KEYS[1])
+if not value then
+  return false
+end
+return {value, redis.call('PTTL', KEYS[1])}
+"""
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when ``exc`` means Redis cannot be reached right now.
+
+    Connection-class failures: connection refused/reset, socket timeouts, ``LOADING``,
+    ``READONLY``, ``MASTERDOWN``, ``CLUSTERDOWN`` and authentication errors. A
+    :class:`LockBackendUnavailable` is judged by the Redis error that caused it.
+    """
+    if isinstance(exc, LockBackendUnavailable):
+        return exc.__cause__ is not None and is_connection_error(exc.__cause__)
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_CONNECTION_REPLIES)
+
+
+class RedisLockManager(LockManager):
+    """Locks in Redis: ``<prefix>:{<key>}`` holds ``"<token> <fence> <json-metadata>"``.
+
+    Acquire, release and extend are one round trip each (Lua scripts run by EVALSHA); the fence
+    counter ``<prefix>:{<key>}:fence`` and the wake-up channel ``<prefix>:{<key>}:wake`` share
+    the key's hash tag, so every script touches one Cluster slot. A key containing ``{`` or ``}``
+    (or that cannot be encoded as UTF-8) is tagged by ``#`` plus its sha256 instead.
+
+    Any failure of the store is raised as :class:`LockBackendUnavailable` with the Redis error
+    as its ``__cause__``; use :func:`is_connection_error` to tell an outage from other errors.
+
+    For a client you build yourself, bound its timeouts and retries the way :meth:`from_url`
+    does: ``socket_timeout`` (e.g. 2 s), ``socket_connect_timeout`` (e.g. 1 s) and
+    ``retry=Retry(NoBackoff(), 1)``. redis-py 8's defaults (5 s timeouts, 10 retries with
+    back-off) make a refused connection take ~4.5 s and re-send every lock command up to ten
+    times. ``decode_responses`` may be either.
+
+    :param client: ``redis.Redis``, ``fakeredis.FakeRedis``, a Sentinel master client or
+        ``redis.cluster.RedisCluster``.
+    :param prefix: namespace of every key this manager writes (no ``{`` or ``}``).
+    :param default_ttl: lease seconds when ``acquire(ttl=None)``.
+    :raises TypeError: for a non-str prefix.
+    :raises ValueError: for an empty prefix, one with braces, or a bad ``default_ttl``.
+    """
+
+    backend = "redis"
+
+    def __init__(
+        self, client: RedisClient, *, prefix: str = "celery_lock", default_ttl: float = 300.0
+    ) -> None:
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must be a non-empty str without '{{' or '}}', got {prefix!r}")
+        super().__init__(default_ttl=default_ttl)
+        self._client = client
+        self._prefix = prefix
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        socket_timeout: float = 2.0,
+        socket_connect_timeout: float = 1.0,
+        retries: int = 1,
+        prefix: str = "celery_lock",
+        default_ttl: float = 300.0,
+        **kwargs: Any,
+    ) -> RedisLockManager:
+        """Build a manager on a new ``redis.Redis`` client with bounded timeouts and retries.
+
+        A refused connection fails within milliseconds (redis-py 8's defaults take ~4.5 s), a
+        stalled server after ``socket_timeout`` per attempt. When you pass your own client to
+        the constructor instead, give it the same settings: ``socket_timeout``,
+        ``socket_connect_timeout`` and ``retry=Retry(NoBackoff(), 1)``.
+
+        :param url: ``redis://``, ``rediss://`` or ``unix://`` URL.
+        :param socket_timeout: seconds to wait for a reply.
+        :param socket_connect_timeout: seconds to wait for a connection.
+        :param retries: redis-py retries of a command after a connection error (no back-off).
+        :param prefix: namespace of every key the manager writes.
+        :param default_ttl: lease seconds when ``acquire(ttl=None)``.
+        :param kwargs: passed on to ``redis.Redis.from_url`` (``password``, ``ssl_*`` ...).
+        """
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            retry=Retry(NoBackoff(), retries),
+            health_check_interval=30,
+            client_name="celery_lock",
+            **kwargs,
+        )
+        return cls(client, prefix=prefix, default_ttl=default_ttl)
+
+    @property
+    def client(self) -> RedisClient:
+        """The redis-py client this manager uses."""
+        return self._client
+
+    @property
+    def prefix(self) -> str:
+        """Namespace of every key this manager writes."""
+        return self._prefix
+
+    # ------------------------------------------------------------------ hot path
+
+    def _try_acquire(
+        self, key: str, ttl: float, token: str, task_id: str | None, task_name: str | None
+    ) -> Lease | None:
+        name = self._name(key)
+        now = _time.time()
+        ttl_ms = math.ceil(ttl * 1000)
+        args = (
+            name,
+            name + ":fence",
+            token,
+            self._meta(key, now, ttl, task_id, task_name),
+            ttl_ms,
+            max(ttl_ms * 2, _MIN_FENCE_TTL_MS),
+        )
+        try:
+            reply = _ACQUIRE(self._client, 2, *args)
+        except _CLIENT_ERRORS as exc:
+            reply = self._acquire_again(key, args, exc)
+        if reply[0] == 0 and self._break_if_dead(key, name, reply[2]):
+            reply = self._acquire_again(key, args, None)
+        if reply[0] == 0:
+            return None
+        # now was taken before sending, so expires_at is never later than the server's expiry.
+        return Lease(key, token, int(reply[1]), "redis", ttl, now + ttl, now)
+
+    def _acquire_again(
+        self, key: str, args: tuple[str, str, str, str, int, int], error: BaseException | None
+    ) -> list[Any]:
+        """Run the acquire script once more with the same token (after ``error``, if any)."""
+        if error is not None and not is_connection_error(error):
+            raise self._unavailable(key, error) from error
+        # After a connection error the reply may have been lost after the script ran: the same
+        # token makes the retry answer "already ours" instead of "busy" (simstudioai/sim#6864).
+        # Without one, a dead holder's lock was just broken.
+        try:
+            reply: list[Any] = _ACQUIRE(self._client, 2, *args)
+        except _CLIENT_ERRORS as exc:
+            raise self._unavailable(key, exc) from exc
+        return reply
+
+    def _release(self, lease: Lease) -> bool:
+        name = self._name(lease.key)
+        now = _time.time()
+        try:
+            deleted = _RELEASE(self._client, 1, name, lease.token, name + ":wake")
+        except _CLIENT_ERRORS as exc:
+            # The lease keeps its token: the caller may retry (redis/redis-py#3847, #4258).
+            raise self._unavailable(lease.key, exc) from exc
+        # An expired lease reports False even when its value was still there to delete (§3a).
+        return deleted == 1 and now < lease.expires_at
+
+    def _extend(self, lease: Lease, ttl: float) -> Lease | None:
+        now = _time.time()
+        if now >= lease.expires_at:
+            return None
+        try:
+            renewed = _EXTEND(
+                self._client, 1, self._name(lease.key), lease.token, math.ceil(ttl * 1000)
+            )
+        except _CLIENT_ERRORS as exc:
+            raise self._unavailable(lease.key, exc) from exc
+        if renewed != 1:
+            return None
+        return dataclasses.replace(lease, ttl=ttl, expires_at=now + ttl)
+
+    # ---------------------------------------------------------- inspection, breaking
+
+    def _inspect(self, key: str) -> LockInfo | None:
+        now = _time.time()
+        found = self._read(key, self._name(key))
+        if found is None:
+            return None
+        return self._info(key, _parse(found[0]), found[1], now)
+
+    def _iter_locks(self) -> Iterator[LockInfo]:
+        for name, tag in self._scan():
+            now = _time.time()
+            found = self._read(None, name)
+            if found is None:
+                continue  # released or expired since SCAN saw it
+            parsed = _parse(found[0])
+            yield self._info(_key_of(parsed, tag), parsed, found[1], now)
+
+    def _break(self, key: str, *, task_id: str | None, only_if_dead: bool) -> bool:
+        name = self._name(key)
+        found = self._read(key, name)
+        if found is None:
+            return False
+        parsed = _parse(found[0])
+        if task_id is not None and (parsed is None or parsed[2].get("task_id") != task_id):
+            return False
+        if only_if_dead and (parsed is None or not _identity.holder_is_dead(parsed[2])):
+            return False
+        if not self._compare_and_delete(key, name, found[0]):
+            return False
+        self._log_broken("broke lock", key, parsed)
+        return True
+
+    def clean(self, *, dry_run: bool = False) -> CleanReport:
+        """Remove locks whose holder is provably dead, by compare-and-delete on their value.
+
+        Expired locks need no cleaning in Redis (the server drops them). A value this library
+        cannot parse is kept and counted as an error (with a WARNING).
+
+        :param dry_run: count what would be removed, delete nothing.
+        """
+        report = CleanReport()
+        for name, tag in self._scan():
+            found = self._read(None, name)
+            if found is None:
+                continue  # released or expired since SCAN saw it
+            report.scanned += 1
+            parsed = _parse(found[0])
+            if parsed is None:
+                report.kept += 1
+                report.errors += 1
+                self._log.warning(
+                    "kept lock %s: its value is not a celery_lock value",
+                    name,
+                    extra={"lock_key": tag, "backend": "redis", "fence": None},
+                )
+            elif not _identity.holder_is_dead(parsed[2]):
+                report.kept += 1
+            elif dry_run:
+                report.removed += 1
+            elif self._compare_and_delete(key := _key_of(parsed, tag), name, found[0]):
+                report.removed += 1
+                self._log_broken("cleaner removed lock of dead holder", key, parsed)
+            else:
+                report.kept += 1  # released or re-acquired since we read it
+        return report
+
+    # ------------------------------------------------------------------ waiting
+
+    def _waiter(self, key: str) -> Waiter:
+        return _PubSubWaiter(self._client, self._name(key) + ":wake", self._log)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _name(self, key: str) -> str:
+        if "{" in key or "}" in key or not (key.isascii() or _encodable(key)):
+            key = "#" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self._prefix}:{{{key}}}"
+
+    def _scan(self) -> Iterator[tuple[str, str]]:
+        """Names of the lock keys under our prefix (SCAN, never KEYS) with their hash tags."""
+        head = f"{self._prefix}:{{"
+        try:
+            # "...}" at the end leaves out the fence counters ("...}:fence").
+            for raw in self._client.scan_iter(
+                match=head.translate(_GLOB_ESCAPES) + "*}", count=500
+            ):
+                try:
+                    name = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+                except UnicodeDecodeError:
+                    continue  # not ours: every name we write is UTF-8
+                tag = name[len(head) : -1]
+                if "{" not in tag and "}" not in tag:  # ours never hold braces
+                    yield name, tag
+        except _CLIENT_ERRORS as exc:
+            raise self._unavailable(None, exc) from exc
+
+    def _read(self, key: str | None, name: str) -> tuple[bytes | str, int] | None:
+        """``(value, pttl ms)`` of lock ``name`` in one round trip, or None when it is free."""
+        try:
+            found = _INSPECT(self._client, 1, name)
+        except _CLIENT_ERRORS as exc:
+            raise self._unavailable(key, exc) from exc
+        return None if found is None else (found[0], int(found[1]))
+
+    @staticmethod
+    def _info(
+        key: str, parsed: tuple[str, int, dict[str, Any]] | None, pttl: int, now: float
+    ) -> LockInfo:
+        expires = now + pttl / 1000 if pttl >= 0 else None
+        if parsed is None:
+            return LockInfo(key, None, None, "redis", None, None, None, None, None, expires)
+        token, fence, meta = parsed
+        return LockInfo(
+            key=key,
+            token_prefix=token[:8],
+            fence=fence,
+            backend="redis",
+            host=_opt(meta.get("host"), str),
+            pid=_opt(meta.get("pid"), int),
+            task_id=_opt(meta.get("task_id"), str),
+            task_name=_opt(meta.get("task_name"), str),
+            acquired_at=_opt(meta.get("acquired"), float),
+            expires_at=expires,
+        )
+
+    def _break_if_dead(self, key: str, name: str, value: bytes | str) -> bool:
+        """Delete a busy lock whose holder is provably dead; True when it was deleted."""
+        parsed = _parse(value)
+        if parsed is None or not _identity.holder_is_dead(parsed[2]):
+            return False
+        if not self._compare_and_delete(key, name, value):
+            return False
+        self._log_broken("broke lock of dead holder", key, parsed)
+        return True
+
+    def _compare_and_delete(self, key: str, name: str, value: bytes | str) -> bool:
+        try:
+            deleted: int = _BREAK(self._client, 1, name, value, name + ":wake")
+        except _CLIENT_ERRORS as exc:
+            raise self._unavailable(key, exc) from exc
+        return deleted == 1
+
+    def _log_broken(
+        self, message: str, key: str, parsed: tuple[str, int, dict[str, Any]] | None
+    ) -> None:
+        pid = parsed[2].get("pid") if parsed else None
+        self._log.info(
+            "%s %s (holder pid %s)",
+            message,
+            key,
+            pid,
+            extra={
+                "lock_key": key,
+                "backend": "redis",
+                "fence": parsed[1] if parsed else None,
+                "holder_pid": pid,
+            },
+        )
+
+    def _unavailable(self, key: str | None, exc: BaseException) -> LockBackendUnavailable:
+        # Every failure becomes LockBackendUnavailable, not only connection-class ones: an OOM
+        # refusal ("command not allowed when used memory > 'maxmemory'"), a WRONGTYPE value or
+        # a script error also mean the store cannot grant locks now, and no raw redis exception
+        # may reach the caller. is_connection_error(exc) tells the two kinds apart.
+        what = "unreachable" if is_connection_error(exc) else "failed"
+        return LockBackendUnavailable(
+            f"redis {what} for lock {key!r}: {type(exc).__name__}: {exc}",
+            key=key,
+            backend="redis",
+        )
+
+
+class _PubSubWaiter(Waiter):
+    """Waits for a release on the key's wake-up channel; sleeps when pub/sub is not available.
+
+    Subscribes at construction and waits for the server's confirmation: the SUBSCRIBE and the
+    acquire attempt that follows travel on different connections, so without the confirmation
+    a release between the two could be published before the subscription exists.
+    """
+
+    def __init__(self, client: RedisClient, channel: str, log: logging.Logger) -> None:
+        self._slice = _wait_slice(client)
+        self._pubsub: PubSub | None = None
+        pubsub = None
+        try:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub.subscribe(channel)
+            pubsub.parse_response(block=False, timeout=self._slice)
+        except _CLIENT_ERRORS as exc:
+            # Pub/sub refused (a proxy without it, ACLs) or the server is going away: poll.
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("no pub/sub wake-ups (%s), polling", exc, extra={"backend": "redis"})
+            _close(pubsub)
+        else:
+            self._pubsub = pubsub
+
+    def wait(self, seconds: float) -> bool:
+        pubsub = self._pubsub
+        if pubsub is None:
+            return super().wait(seconds)
+        deadline = _time.monotonic() + seconds
+        try:
+            while True:
+                remaining = deadline - _time.monotonic()
+                if remaining <= 0:
+                    return False
+                # Slices shorter than the socket timeout: a longer blocking read would time
+                # out and be retried by redis-py (redis/redis-py#2807, #583).
+                if pubsub.get_message(timeout=min(remaining, self._slice)) is not None:
+                    return True
+        except _CLIENT_ERRORS:
+            self.close()
+            return super().wait(max(0.0, deadline - _time.monotonic()))
+
+    def close(self) -> None:
+        # reset() drops the subscription with the connection and gives it back to the pool.
+        _close(self._pubsub)
+        self._pubsub = None
+
+
+# ---------------------------------------------------------------------- module helpers
+
+
+def _encodable(key: str) -> bool:
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True
+
+
+def _parse(value: bytes | str) -> tuple[str, int, dict[str, Any]] | None:
+    """``(token, fence, metadata)`` of a lock value, or None when it is not one of ours."""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    parts = text.split(" ", 2)
+    if len(parts) != 3:
+        return None
+    token, fence_text, meta_text = parts
+    if not token or not (fence_text.isascii() and fence_text.isdigit()):
+        return None
+    try:
+        fence = int(fence_text)  # ValueError past sys.get_int_max_str_digits()
+        meta = json.loads(meta_text)
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+        return None
+    return (token, fence, meta) if isinstance(meta, dict) else None
+
+
+def _key_of(parsed: tuple[str, int, dict[str, Any]] | None, tag: str) -> str:
+    """The caller's key recorded in the metadata, else the hash tag it was stored under."""
+    key = parsed[2].get("key") if parsed is not None else None
+    return key if isinstance(key, str) else tag
+
+
+def _opt(value: object, kind: type[Any]) -> Any:
+    """``value`` when it is a ``kind`` (ints count as floats; bools never count), else None."""
+    if isinstance(value, bool):
+        return None
+    if kind is float and isinstance(value, int):
+        return float(value)
+    return value if isinstance(value, kind) else None
+
+
+def _wait_slice(client: RedisClient) -> float:
+    """Longest single pub/sub read: half the client's socket timeout, at most 1 s."""
+    pool = getattr(client, "connection_pool", None)
+    timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+    if isinstance(timeout, (int, float)) and timeout > 0:
+        return min(1.0, timeout / 2)
+    return 1.0
+
+
+def _close(pubsub: PubSub | None) -> None:
+    if pubsub is None:
+        return
+    with contextlib.suppress(*_CLIENT_ERRORS):  # the connection is being discarded anyway
+        pubsub.close()

@@ -1,0 +1,367 @@
+"""Settings: the app's ``lock_*`` configuration, per-task options, and the app's lock manager.
+
+Precedence, applied here and nowhere else: task option (``@app.task`` keyword or subclass
+attribute) > ``task_annotations`` > app setting (``app.conf.lock_*``) > library default.
+
+Settings are read lazily with ``app.conf.get(key, default)``, so an app that never configures
+them works (Celery's ``Task.from_config`` would raise ``KeyError`` for an unregistered key), and
+Django's ``namespace="CELERY"`` maps ``CELERY_LOCK_REDIS_URL`` to ``lock_redis_url`` unchanged.
+They are read once per app, when its first locked task binds (usually when the app finalizes);
+configure the app before that, as for Celery's own settings that tasks read when they bind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from celery_lock._validate import check_ttl
+from celery_lock.backends.file import FileLockManager
+from celery_lock.backends.hybrid import HybridLockManager
+from celery_lock.backends.redis import RedisLockManager
+from celery_lock.keys import KeyBuilder
+from celery_lock.modes import LockMode
+from celery_lock.signals import lock_fallback
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from celery import Celery
+
+    from celery_lock._base import LockManager
+
+__all__ = [
+    "ON_DUPLICATE",
+    "OPTION_NAMES",
+    "LockSettings",
+    "TaskLockOptions",
+    "get_manager",
+    "get_settings",
+]
+
+#: What an EXECUTION-mode duplicate does: not run (SUCCESS, None), fail, or Celery ``Ignore``.
+ON_DUPLICATE: Final = ("skip", "fail", "ignore")
+
+#: The task options, in the order they are documented.
+OPTION_NAMES: Final = (
+    "lock_mode",
+    "lock_ttl",
+    "lock_key",
+    "lock_countdown",
+    "lock_max_requeues",
+    "lock_on_duplicate",
+    "lock_renew",
+)
+
+#: Broker URL schemes whose server can also hold the locks (``lock_redis_url`` default).
+_REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+#: kombu spells a Redis unix socket ``redis+socket://``; redis-py calls it ``unix://``.
+_KOMBU_SOCKET: Final = "redis+socket://"
+
+
+def _positive(value: object, what: str) -> float:
+    return check_ttl(value, name=what)
+
+
+def _non_negative(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number of seconds >= 0, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{what} must be a finite number of seconds >= 0, got {value!r}")
+    return number
+
+
+def _requeue_cap(value: object, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be None (no cap) or an int >= 0, got {value!r}")
+    return value
+
+
+def _on_duplicate(value: object, what: str) -> str:
+    if isinstance(value, str) and value.strip().lower() in ON_DUPLICATE:
+        return value.strip().lower()
+    raise ValueError(f"{what} must be one of {', '.join(map(repr, ON_DUPLICATE))}, got {value!r}")
+
+
+def _mode(value: object, what: str) -> LockMode:
+    try:
+        return LockMode.coerce(value)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
+def _flag(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def _broker_redis_url(broker_url: object) -> str | None:
+    """The broker URL when its server can hold the locks (first one of a failover list)."""
+    if isinstance(broker_url, (list, tuple)):
+        broker_url = broker_url[0] if broker_url else None
+    if not isinstance(broker_url, str):
+        return None
+    url = broker_url.split(";", 1)[0].strip()
+    if url.startswith(_KOMBU_SOCKET):
+        return "unix://" + url[len(_KOMBU_SOCKET) :]
+    return url if url.startswith(_REDIS_SCHEMES) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class LockSettings:
+    """The app's lock settings (``app.conf.lock_*``), validated, read once per app.
+
+    Build it with :meth:`from_app`; the field defaults are the library defaults.
+    """
+
+    #: ``lock_redis_url``: where locks live; None → file locks only. Default: the broker URL
+    #: when the broker is Redis (``redis://``, ``rediss://``, ``unix://``, ``redis+socket://``).
+    redis_url: str | None = None
+    #: ``lock_directory``: the lock-file folder itself (None: a private folder in the temp dir).
+    directory: str | None = None
+    #: ``lock_default_ttl``: lease seconds for tasks without ``lock_ttl``.
+    default_ttl: float = 300.0
+    #: ``lock_key_prefix``: Redis key prefix.
+    key_prefix: str = "celery_lock"
+    #: ``lock_fallback``: ``"file"`` (local lock files while Redis is unreachable) or None
+    #: (fail closed).
+    fallback: str | None = "file"
+    #: ``lock_retry_interval``: seconds between Redis probes while falling back.
+    retry_interval: float = 30.0
+    #: ``lock_cleanup_interval``: seconds between ``celery_lock.cleanup`` beat runs; None
+    #: leaves the beat entry out.
+    cleanup_interval: float | None = 300.0
+    #: ``lock_default_mode``: ``lock_mode`` of tasks that do not set one.
+    default_mode: LockMode = LockMode.EXECUTION
+    #: ``lock_default_countdown``: base QUEUE countdown for tasks without ``lock_countdown``.
+    default_countdown: float = 1.0
+    #: ``lock_default_max_requeues``: QUEUE re-queue cap for tasks that do not set one.
+    default_max_requeues: int | None = None
+    #: ``lock_default_on_duplicate``: EXECUTION duplicate handling for tasks that do not set it.
+    default_on_duplicate: str = "skip"
+    #: ``lock_default_renew``: renew leases while tasks run.
+    default_renew: bool = True
+    #: ``broker_transport_options["visibility_timeout"]`` (Redis/SQS; 3600 when unset): QUEUE
+    #: countdowns stay below a quarter of it, since a message held longer is redelivered
+    #: (celery/celery#2599, #7009).
+    visibility_timeout: float = 3600.0
+
+    @classmethod
+    def from_app(cls, app: Celery) -> LockSettings:
+        """Read and validate the app's settings.
+
+        :raises ValueError: for an invalid value, naming the setting and the value.
+        :raises TypeError: for a value of the wrong type (e.g. a non-bool ``lock_default_renew``).
+        """
+        conf = app.conf
+        get = conf.get
+        missing = object()
+        redis_url = get("lock_redis_url", missing)
+        if redis_url is missing:
+            redis_url = _broker_redis_url(conf.broker_url)
+        elif redis_url is not None and (not isinstance(redis_url, str) or not redis_url):
+            raise ValueError(f"setting lock_redis_url must be a URL or None, got {redis_url!r}")
+        directory = get("lock_directory", None)
+        if directory is not None:
+            if not isinstance(directory, (str, os.PathLike)):
+                raise TypeError(f"setting lock_directory must be a path, got {directory!r}")
+            directory = os.fspath(directory)
+        prefix = get("lock_key_prefix", cls.key_prefix)
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"setting lock_key_prefix must be a non-empty str, got {prefix!r}")
+        fallback = get("lock_fallback", cls.fallback)
+        if fallback is not None:
+            if not isinstance(fallback, str) or fallback.strip().lower() != "file":
+                raise ValueError(f"setting lock_fallback must be 'file' or None, got {fallback!r}")
+            fallback = "file"
+        cleanup = get("lock_cleanup_interval", cls.cleanup_interval)
+        transport = get("broker_transport_options", None) or {}
+        return cls(
+            redis_url=redis_url,
+            directory=directory,
+            default_ttl=_positive(get("lock_default_ttl", cls.default_ttl), "lock_default_ttl"),
+            key_prefix=prefix,
+            fallback=fallback,
+            retry_interval=_positive(
+                get("lock_retry_interval", cls.retry_interval), "lock_retry_interval"
+            ),
+            cleanup_interval=None
+            if cleanup is None
+            else _positive(cleanup, "lock_cleanup_interval"),
+            default_mode=_mode(get("lock_default_mode", cls.default_mode), "lock_default_mode"),
+            default_countdown=_non_negative(
+                get("lock_default_countdown", cls.default_countdown), "lock_default_countdown"
+            ),
+            default_max_requeues=_requeue_cap(
+                get("lock_default_max_requeues", cls.default_max_requeues),
+                "lock_default_max_requeues",
+            ),
+            default_on_duplicate=_on_duplicate(
+                get("lock_default_on_duplicate", cls.default_on_duplicate),
+                "lock_default_on_duplicate",
+            ),
+            default_renew=_flag(get("lock_default_renew", cls.default_renew), "lock_default_renew"),
+            visibility_timeout=_positive(
+                transport.get("visibility_timeout", cls.visibility_timeout),
+                "broker_transport_options['visibility_timeout']",
+            ),
+        )
+
+    def build_manager(
+        self, on_transition: Callable[[str, BaseException | None], object] | None = None
+    ) -> LockManager:
+        """A new manager for these settings.
+
+        Redis URL and ``fallback="file"``: a :class:`HybridLockManager` of Redis and files;
+        Redis URL and ``fallback=None``: the hybrid without files, which fails closed
+        (``LockBackendUnavailable``) but still opens its circuit, so an outage costs one
+        WARNING and no timeout per task; no Redis URL: a :class:`FileLockManager`.
+        """
+        if self.redis_url is None:
+            return FileLockManager(self.directory, default_ttl=self.default_ttl)
+        redis = RedisLockManager.from_url(
+            self.redis_url, prefix=self.key_prefix, default_ttl=self.default_ttl
+        )
+        files = (
+            FileLockManager(self.directory, default_ttl=self.default_ttl)
+            if self.fallback == "file"
+            else None
+        )
+        return HybridLockManager(
+            redis, files, retry_interval=self.retry_interval, on_transition=on_transition
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskLockOptions:
+    """One task's resolved, validated lock options."""
+
+    mode: LockMode
+    ttl: float
+    countdown: float
+    max_requeues: int | None
+    on_duplicate: str
+    renew: bool
+    keys: KeyBuilder
+
+    @classmethod
+    def resolve(
+        cls,
+        task_name: str,
+        values: Mapping[str, Any],
+        settings: LockSettings,
+        run: Callable[..., Any],
+    ) -> TaskLockOptions:
+        """Resolve a task's options: its own ``values`` (None = unset) over ``settings``.
+
+        :param values: the task's ``lock_*`` attributes (decorator keywords, subclass attributes
+            and ``task_annotations`` already applied).
+        :param run: the task's ``run`` (lock keys bind the arguments to its signature).
+        :raises ValueError: for an invalid value, naming the task, the option and the value.
+        :raises TypeError: for a value of the wrong type (e.g. a ``lock_key`` that is neither
+            None, a str nor callable), naming the task and the option.
+        """
+
+        def pick(option: str, default: object) -> tuple[object, str]:
+            # Defaults come from LockSettings, validated already; only the task's own values
+            # can be wrong, and the error names the task and the option.
+            value = values.get(option)
+            return default if value is None else value, f"task {task_name!r}: {option}"
+
+        return cls(
+            mode=_mode(*pick("lock_mode", settings.default_mode)),
+            ttl=_positive(*pick("lock_ttl", settings.default_ttl)),
+            countdown=_non_negative(*pick("lock_countdown", settings.default_countdown)),
+            max_requeues=_requeue_cap(*pick("lock_max_requeues", settings.default_max_requeues)),
+            on_duplicate=_on_duplicate(*pick("lock_on_duplicate", settings.default_on_duplicate)),
+            renew=_flag(*pick("lock_renew", settings.default_renew)),
+            keys=KeyBuilder(task_name, run, values.get("lock_key")),
+        )
+
+
+# ---------------------------------------------------------------------------- per-app state
+
+
+class _AppState:
+    """What one app needs at run time: its settings and its manager (one per process)."""
+
+    __slots__ = ("__weakref__", "manager", "mutex", "pid", "settings")
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()
+        self.settings: LockSettings | None = None
+        self.manager: LockManager | None = None
+        self.pid = 0
+
+
+_states: weakref.WeakKeyDictionary[Celery, _AppState] = weakref.WeakKeyDictionary()
+_states_mutex = threading.Lock()
+
+
+def _state(app: Celery) -> _AppState:
+    state = _states.get(app)
+    if state is None:
+        with _states_mutex:
+            state = _states.get(app)
+            if state is None:
+                state = _states[app] = _AppState()
+    return state
+
+
+def get_settings(app: Celery) -> LockSettings:
+    """The app's :class:`LockSettings` (read and validated on first use, then cached)."""
+    state = _state(app)
+    settings = state.settings
+    if settings is None:
+        with state.mutex:
+            settings = state.settings
+            if settings is None:
+                settings = state.settings = LockSettings.from_app(app)
+    return settings
+
+
+def get_manager(app: Celery) -> LockManager:
+    """The app's lock manager in this process.
+
+    Built on first use and cached; a forked child (prefork pool, or any ``fork``) builds its
+    own, so no process ever uses a connection or descriptor inherited from its parent (the pid
+    check covers ``worker_process_init`` and forks Celery does not announce alike).
+    """
+    state = _state(app)
+    manager = state.manager
+    pid = os.getpid()
+    if manager is None or state.pid != pid:
+        settings = get_settings(app)
+        with state.mutex:
+            manager = state.manager
+            if manager is None or state.pid != pid:
+                app_ref = weakref.ref(app)
+
+                def on_transition(status: str, exc: BaseException | None) -> None:
+                    sender = app_ref()
+                    if sender is not None:
+                        lock_fallback.send(sender=sender, state=status, exc=exc)
+
+                manager = settings.build_manager(on_transition)
+                state.manager, state.pid = manager, pid
+    return manager
+
+
+def _after_fork_in_child() -> None:
+    global _states_mutex  # noqa: PLW0603
+    # A lock held by another thread of the parent at fork time would never be released here.
+    _states_mutex = threading.Lock()
+    for state in list(_states.values()):
+        state.mutex = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
