@@ -18,6 +18,7 @@ from celery_lock.cleaner import LockCleaner
 from celery_lock.errors import (
     LockBackendUnavailable,
     LockError,
+    LockKeyError,
     LockLost,
     LockNotAcquired,
     LockNotOwned,
@@ -42,6 +43,7 @@ __all__ = [
     "LockCleaner",
     "LockError",
     "LockInfo",
+    "LockKeyError",
     "LockLost",
     "LockManager",
     "LockMode",

@@ -7,18 +7,28 @@ raises an unpicklable exception is how celery-singleton#55 crashed workers).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["LockBackendUnavailable", "LockError", "LockLost", "LockNotAcquired", "LockNotOwned"]
+__all__ = [
+    "LockBackendUnavailable",
+    "LockError",
+    "LockKeyError",
+    "LockLost",
+    "LockNotAcquired",
+    "LockNotOwned",
+]
 
 
 class LockError(Exception):
     """Root of every celery_lock error.
 
     :param message: human readable text.
+    :param attributes: attributes as a mapping (how Celery's JSON result backend hands them back:
+        it stores ``exc.args`` and rebuilds with ``cls(*args)``); keywords win over it.
     :param key: the lock key concerned, when there is one.
     :param backend: ``"redis"`` or ``"file"``, when known.
-    :param extra: further keyword attributes (``task_name``, ``timeout``, ``holder`` ...), kept as
+    :param extra: further keyword attributes (``task_name``, ``holder_task_id`` ...), kept as
         attributes of the exception.
     """
 
@@ -27,14 +37,31 @@ class LockError(Exception):
     backend: str | None
 
     def __init__(
-        self, message: str = "", *, key: str | None = None, backend: str | None = None, **extra: Any
+        self,
+        message: str = "",
+        attributes: Mapping[str, Any] | None = None,
+        /,
+        *,
+        key: str | None = None,
+        backend: str | None = None,
+        **extra: Any,
     ) -> None:
-        super().__init__(message)
+        # A non-mapping second argument is what Celery's JSON backend makes of attributes it
+        # could not encode (their repr): the message alone still gets through.
+        state: dict[str, Any] = dict(attributes) if isinstance(attributes, Mapping) else {}
+        if key is not None or "key" not in state:
+            state["key"] = key
+        if backend is not None or "backend" not in state:
+            state["backend"] = backend
+        state.update(extra)
+        reserved = {"args", "message", "with_traceback", "add_note"} & state.keys()
+        if reserved:
+            raise TypeError(f"reserved exception attribute names: {sorted(reserved)}")
+        # args carries everything, so pickle (cls(*args)) and Celery's JSON result backend
+        # both rebuild the exception with its attributes (STYLE.md §2.5).
+        super().__init__(message, state)
         self.message = message
-        self.key = key
-        self.backend = backend
-        self._extra = dict(extra)
-        for name, value in extra.items():
+        for name, value in state.items():
             setattr(self, name, value)
 
     def __str__(self) -> str:
@@ -42,16 +69,6 @@ class LockError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, key={self.key!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Rebuild through a helper that accepts keyword arguments; pickle's default would call
-        # cls(*self.args) and lose the keyword attributes.
-        state = {"key": self.key, "backend": self.backend, **self._extra}
-        return (_rebuild, (type(self), self.message, state), None)
-
-
-def _rebuild(cls: type[LockError], message: str, state: dict[str, Any]) -> LockError:
-    return cls(message, **state)
 
 
 class LockNotAcquired(LockError):
@@ -68,3 +85,8 @@ class LockNotOwned(LockError):
 
 class LockLost(LockNotOwned):
     """The lease was lost (expired or taken over) while its holder was still working."""
+
+
+class LockKeyError(LockError, TypeError):
+    """A lock key cannot be built for a call (unsupported argument type, arguments that do not
+    fit the signature, a ``lock_key`` callable that failed or returned a non-str)."""

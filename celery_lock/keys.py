@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
-from celery_lock.errors import LockError
+from celery_lock.errors import LockKeyError
 
 __all__ = ["KeyBuilder", "LockKeyError", "canonical_json"]
 
@@ -54,11 +54,6 @@ _SUPPORTED: Final = (
     "datetime, date, time, timedelta, UUID, Decimal, bytes, set, frozenset, "
     "and str, int, float, bool, None, list, tuple and dict of them"
 )
-
-
-class LockKeyError(LockError, TypeError):
-    """A lock key cannot be built for a call (unsupported argument type, arguments that do not
-    fit the signature, a ``lock_key`` callable that failed or returned a non-str)."""
 
 
 class _Unsupported(TypeError):

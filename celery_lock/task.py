@@ -147,19 +147,6 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
     # ------------------------------------------------------------------ binding
 
     @classmethod
-    def annotate(cls) -> None:
-        """Apply ``task_annotations``, except over ``lock_*`` options the task sets itself.
-
-        For lock options the task's own value (decorator keyword, subclass attribute) wins over
-        an annotation, so an annotation can lock or tune tasks that say nothing, without
-        overriding what a task states explicitly.
-        """
-        own = {name: value for name, value in cls._lock_values().items() if value is not None}
-        super().annotate()
-        for name, value in own.items():
-            setattr(cls, name, value)
-
-    @classmethod
     def on_bound(cls, app: Celery) -> None:
         """Resolve and validate the lock options and wire the app (``install``).
 

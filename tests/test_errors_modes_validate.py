@@ -10,6 +10,7 @@ import pytest
 from celery_lock import (
     LockBackendUnavailable,
     LockError,
+    LockKeyError,
     LockLost,
     LockMode,
     LockNotAcquired,
@@ -17,7 +18,14 @@ from celery_lock import (
 )
 from celery_lock._validate import check_key, check_timeout, check_ttl
 
-ALL_ERRORS = [LockError, LockNotAcquired, LockBackendUnavailable, LockNotOwned, LockLost]
+ALL_ERRORS = [
+    LockError,
+    LockNotAcquired,
+    LockBackendUnavailable,
+    LockNotOwned,
+    LockLost,
+    LockKeyError,
+]
 
 
 @pytest.mark.parametrize("cls", ALL_ERRORS)
@@ -33,9 +41,40 @@ def test_errors_round_trip_through_pickle_with_attributes(cls: type[LockError]) 
         assert copy.holder == "abc"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("cls", ALL_ERRORS)
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_errors_cross_celerys_result_backend(cls: type[LockError], serializer: str) -> None:
+    """Celery's JSON backend stores exc.args and rebuilds with cls(*args): attributes survive."""
+    from celery import Celery
+    from celery.backends.base import BaseBackend
+
+    app = Celery("t", set_as_current=False)
+    app.conf.result_accept_content = ["json", "pickle"]
+    backend = BaseBackend(app, serializer=serializer)
+    exc = cls("held", key="k", task_name="proj.t", holder_task_id="abc", fence=7)
+    stored = backend.encode(backend.prepare_exception(exc))
+    copy = backend.exception_to_python(backend.decode(stored))
+    assert type(copy) is cls
+    assert str(copy) == "held"
+    assert (copy.key, copy.task_name, copy.holder_task_id, copy.fence) == ("k", "proj.t", "abc", 7)  # type: ignore[attr-defined]
+
+
+def test_unencodable_attributes_keep_the_message() -> None:
+    """What JSON cannot encode arrives as a repr string: the message still gets through."""
+    copy = LockError("held", "{'when': <object>}")
+    assert str(copy) == "held"
+    assert copy.key is None
+
+
+def test_reserved_attribute_names_are_refused() -> None:
+    with pytest.raises(TypeError, match="reserved"):
+        LockError("x", args=1)
+
+
 def test_error_hierarchy_and_builtin_bases() -> None:
     assert issubclass(LockBackendUnavailable, ConnectionError)
     assert issubclass(LockLost, LockNotOwned)
+    assert issubclass(LockKeyError, TypeError)
     for cls in ALL_ERRORS:
         assert issubclass(cls, LockError)
     assert LockError("x").key is None
