@@ -48,7 +48,7 @@ def rate(cycle: Callable[[], None], seconds: float) -> float:
 def cycles(url: str, lock_dir: Path) -> dict[str, Callable[[], None]]:
     import redis
 
-    from celery_lock import FileLockManager, RedisLockManager
+    from celery_lock import FileLockManager, HybridLockManager, RedisLockManager
 
     client = redis.Redis.from_url(url)
     release = client.register_script(RELEASE_LUA)
@@ -65,6 +65,15 @@ def cycles(url: str, lock_dir: Path) -> dict[str, Callable[[], None]]:
         assert lease is not None
         assert rlm.release(lease)
 
+    hybrid = HybridLockManager(
+        RedisLockManager(client, prefix="bench-hybrid"), FileLockManager(lock_dir / "hybrid")
+    )
+
+    def ours_hybrid() -> None:
+        lease = hybrid.acquire("k")
+        assert lease is not None
+        assert hybrid.release(lease)
+
     def redis_py() -> None:
         lock = client.lock("bench:redis-py", timeout=30)
         assert lock.acquire(blocking=False)
@@ -73,6 +82,7 @@ def cycles(url: str, lock_dir: Path) -> dict[str, Callable[[], None]]:
     out: dict[str, Callable[[], None]] = {
         "raw redis-py SET NX PX + EVALSHA": raw,
         "RedisLockManager": ours_redis,
+        "HybridLockManager (Redis up)": ours_hybrid,
         "redis-py Lock": redis_py,
     }
     try:
@@ -121,10 +131,12 @@ def _build(kind: str, url: str, directory: str) -> Any:
     return FileLockManager(directory)
 
 
-def _waiter(kind: str, url: str, directory: str, rounds: int, ready: Any, out: Any) -> None:
+def _waiter(kind: str, url: str, directory: str, rounds: int, go: Any, out: Any) -> None:
     manager = _build(kind, url, directory)
-    for _ in range(rounds):
-        ready.wait()
+    for _ in range(rounds + 1):
+        if not go.wait(timeout=30):  # set by the holder once it holds the lock
+            return
+        go.clear()
         lease = manager.acquire("handoff", mode="queue", timeout=10, ttl=30)
         acquired = time.monotonic()  # CLOCK_MONOTONIC is system-wide on Linux
         out.put(acquired if lease is not None else None)
@@ -135,30 +147,29 @@ def _waiter(kind: str, url: str, directory: str, rounds: int, ready: Any, out: A
 def handoff(kind: str, url: str, directory: str, rounds: int) -> list[float]:
     """Milliseconds from the holder's release() returning to the waiter's acquire() returning."""
     ctx = multiprocessing.get_context("spawn")
-    ready, out = ctx.Event(), ctx.Queue()
-    proc = ctx.Process(target=_waiter, args=(kind, url, directory, rounds, ready, out))
+    go, out = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_waiter, args=(kind, url, directory, rounds, go, out))
     proc.start()
     manager = _build(kind, url, directory)
     latencies: list[float] = []
     try:
-        for _ in range(rounds):
+        for i in range(rounds + 1):  # round 0 warms up the waiter (spawn, imports)
             deadline = time.monotonic() + 10
             lease = None
             while lease is None and time.monotonic() < deadline:
-                lease = manager.acquire("handoff", ttl=30)  # the waiter released it
+                lease = manager.acquire("handoff", ttl=30)  # the waiter may still hold it
             assert lease is not None, "holder could not take the lock"
-            ready.set()
-            # A random hold so polling phases are not aligned with the release.
-            time.sleep(random.uniform(0.02, 0.05))
-            ready.clear()
+            go.set()
+            # A random hold so the waiter is parked and polling phases are not aligned.
+            time.sleep(random.uniform(0.02, 0.05) if i else 2.0)
             manager.release(lease)
             released = time.monotonic()
-            acquired = out.get(timeout=15)
+            acquired = out.get(timeout=30)
             assert acquired is not None, "waiter timed out"
-            latencies.append((acquired - released) * 1000)
-            time.sleep(0.005)  # let the waiter release before the holder takes it again
+            if i:
+                latencies.append((acquired - released) * 1000)
     finally:
-        proc.join(timeout=20)
+        proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
     return latencies

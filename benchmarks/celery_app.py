@@ -1,0 +1,64 @@
+"""Celery app for bench_celery: one no-op task per lock flavour, configured from the environment."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery, Task
+
+BROKER = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6399/0")
+LOCKS = os.environ.get("BENCH_LOCK_URL", BROKER.rsplit("/", 1)[0] + "/2")
+
+app = Celery("bench", broker=BROKER)
+app.conf.update(
+    task_ignore_result=True,
+    task_acks_late=True,  # the harness detects "all ran" by an empty unacked hash
+    worker_prefetch_multiplier=4,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    lock_redis_url=LOCKS,
+    lock_cleanup_interval=None,
+    ONCE={
+        "backend": "celery_once.backends.Redis",
+        "settings": {"url": LOCKS, "default_timeout": 60},
+    },
+    singleton_backend_url=LOCKS,
+    singleton_lock_expiry=60,
+)
+
+
+@app.task(name="bench.plain", base=Task)
+def plain(i: int) -> None:
+    """Baseline: no lock."""
+
+
+def _register_optional() -> None:
+    from celery_lock import LockedTask, LockMode
+
+    @app.task(name="bench.execution", base=LockedTask, lock_mode=LockMode.EXECUTION)
+    def execution(i: int) -> None:
+        """celery_lock, EXECUTION mode."""
+
+    @app.task(name="bench.queue", base=LockedTask, lock_mode=LockMode.QUEUE)
+    def queue(i: int) -> None:
+        """celery_lock, QUEUE mode."""
+
+    try:
+        from celery_once import QueueOnce
+
+        @app.task(name="bench.once", base=QueueOnce, once={"graceful": True})
+        def once(i: int) -> None:
+            """celery-once."""
+    except ImportError:
+        pass
+    try:
+        from celery_singleton import Singleton
+
+        @app.task(name="bench.singleton", base=Singleton)
+        def singleton(i: int) -> None:
+            """celery-singleton."""
+    except ImportError:
+        pass
+
+
+_register_optional()
