@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import threading
 import time as _time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
     from celery_lock.backends.redis import RedisLockManager
 
 __all__ = ["HybridLockManager"]
+
+_T = TypeVar("_T")
 
 #: ``on_transition(state, error)``: state is ``"down"`` (Redis lost, files in use) or ``"up"``.
 TransitionCallback = Callable[[str, "BaseException | None"], object]
@@ -65,6 +69,8 @@ class HybridLockManager(LockManager):
         self._state = threading.Lock()
         #: monotonic time of the next allowed Redis probe; None while the circuit is closed.
         self._probe_at: float | None = None
+        #: monotonic time of the last up/down transition.
+        self._changed_at = -math.inf
         #: Per-thread facts about the acquire call in progress (was its ttl defaulted?).
         self._call = threading.local()
 
@@ -97,10 +103,34 @@ class HybridLockManager(LockManager):
             return redis
         return None
 
-    def _went_down(self, exc: LockBackendUnavailable) -> None:
+    def _via_redis(self, call: Callable[[], _T]) -> _T:
+        """Run one Redis call and move the circuit by its outcome.
+
+        Only a call that started after the last transition may move it: an answer that was in
+        flight when another thread opened the circuit says nothing about Redis now, and a failure
+        that started before a recovery is old news (each would log a false transition).
+        """
+        started = _time.monotonic()
+        try:
+            result = call()
+        except LockBackendUnavailable as exc:
+            self._went_down(exc, started)
+            raise
+        if self._probe_at is not None:
+            self._came_up(started)
+        return result
+
+    def _went_down(self, exc: LockBackendUnavailable, started: float | None = None) -> None:
+        if started is None:
+            started = _time.monotonic()
         with self._state:
             first = self._probe_at is None
-            self._probe_at = _time.monotonic() + self._retry_interval
+            if first and started < self._changed_at:
+                return  # began before the last recovery
+            now = _time.monotonic()
+            if first:
+                self._changed_at = now
+            self._probe_at = now + self._retry_interval
         if first:
             if self._file is not None:
                 self._log.warning(
@@ -123,15 +153,14 @@ class HybridLockManager(LockManager):
         else:
             self._log.debug("Redis probe failed: %s", exc, extra={"backend": "redis"})
 
-    def _came_up(self) -> None:
-        if self._probe_at is None:
-            return
+    def _came_up(self, started: float) -> None:
         with self._state:
-            was_down = self._probe_at is not None
+            if self._probe_at is None or started < self._changed_at:
+                return  # already closed, or the call began before the outage was noticed
             self._probe_at = None
-        if was_down:
-            self._log.info("Redis answers again; locks are served from Redis")
-            self._notify("up", None)
+            self._changed_at = _time.monotonic()
+        self._log.info("Redis answers again; locks are served from Redis")
+        self._notify("up", None)
 
     def _notify(self, state: str, exc: BaseException | None) -> None:
         if self._on_transition is not None:
@@ -182,13 +211,11 @@ class HybridLockManager(LockManager):
             if self._file is not None and self._file.is_locked(key):
                 return None
             try:
-                lease = redis._try_acquire(key, ttl, token, task_id, task_name)
+                return self._via_redis(
+                    lambda: redis._try_acquire(key, ttl, token, task_id, task_name)
+                )
             except LockBackendUnavailable as exc:
-                self._went_down(exc)
                 error = exc
-            else:
-                self._came_up()
-                return lease
         file = self._need_file(error)
         if getattr(self._call, "ttl_defaulted", False):
             # The backend is chosen here, per attempt, so its default is applied here too.
@@ -214,40 +241,32 @@ class HybridLockManager(LockManager):
     def _release(self, lease: Lease) -> bool:
         manager = self._manager_for(lease)
         assert manager is not None
+        if lease.backend == "file":
+            return manager._release(lease)
         try:
-            released = manager._release(lease)
-        except LockBackendUnavailable as exc:
+            return self._via_redis(lambda: manager._release(lease))
+        except LockBackendUnavailable:
             # The lease cannot be confirmed released; it ends with its TTL (the caller is not
             # given an exception: the work is done and nothing else can be saved).
-            self._went_down(exc)
             return False
-        if lease.backend == "redis":
-            self._came_up()
-        return released
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
         manager = self._manager_for(lease)
         assert manager is not None
-        try:
-            renewed = manager._extend(lease, ttl)
-        except LockBackendUnavailable as exc:
-            # Not "lost": the Redis lease may still be valid. Raised so the renewer retries
-            # while the lease lasts (a None would report it lost at once).
-            self._went_down(exc)
-            raise
-        if lease.backend == "redis":
-            self._came_up()
-        return renewed
+        if lease.backend == "file":
+            return manager._extend(lease, ttl)
+        # A LockBackendUnavailable is raised, not turned into None ("lost"): the Redis lease may
+        # still be valid, and the renewer retries while it lasts.
+        return self._via_redis(lambda: manager._extend(lease, ttl))
 
     def _inspect(self, key: str) -> LockInfo | None:
         redis = self._redis_due()
         if redis is not None:
             try:
-                info = redis._inspect(key)
-            except LockBackendUnavailable as exc:
-                self._went_down(exc)
+                info = self._via_redis(lambda: redis._inspect(key))
+            except LockBackendUnavailable:
+                pass
             else:
-                self._came_up()
                 if info is not None:
                     return info
         return self._file._inspect(key) if self._file is not None else None
@@ -256,11 +275,10 @@ class HybridLockManager(LockManager):
         redis = self._redis_due()
         if redis is not None:
             try:
-                infos = list(redis._iter_locks())
-            except LockBackendUnavailable as exc:
-                self._went_down(exc)
+                infos = self._via_redis(lambda: list(redis._iter_locks()))
+            except LockBackendUnavailable:
+                pass
             else:
-                self._came_up()
                 yield from infos
         if self._file is not None:
             yield from self._file._iter_locks()
@@ -269,12 +287,10 @@ class HybridLockManager(LockManager):
         broken = False
         redis = self._redis_due()
         if redis is not None:
-            try:
-                broken = redis._break(key, task_id=task_id, only_if_dead=only_if_dead)
-            except LockBackendUnavailable as exc:
-                self._went_down(exc)
-            else:
-                self._came_up()
+            with contextlib.suppress(LockBackendUnavailable):
+                broken = self._via_redis(
+                    lambda: redis._break(key, task_id=task_id, only_if_dead=only_if_dead)
+                )
         if self._file is not None:
             broken = self._file._break(key, task_id=task_id, only_if_dead=only_if_dead) or broken
         return broken
@@ -284,12 +300,9 @@ class HybridLockManager(LockManager):
         redis = self._redis_due()
         if redis is not None:
             try:
-                report += redis.clean(dry_run=dry_run)
-            except LockBackendUnavailable as exc:
-                self._went_down(exc)
+                report += self._via_redis(lambda: redis.clean(dry_run=dry_run))
+            except LockBackendUnavailable:
                 report.errors += 1
-            else:
-                self._came_up()
         if self._file is not None:
             report += self._file.clean(dry_run=dry_run)
         return report
