@@ -42,6 +42,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
+from celery_lock._validate import check_key
 from celery_lock.errors import LockKeyError
 
 __all__ = ["KeyBuilder", "LockKeyError", "canonical_json"]
@@ -213,11 +214,13 @@ class KeyBuilder:
             unsupported type, or the ``lock_key`` callable failed or returned a non-str.
         """
         if self._callable is not None:
-            return self._from_callable(self._callable, args, kwargs)
+            return self._checked(self._from_callable(self._callable, args, kwargs))
         arguments = self._bind(args, kwargs)
         if self._format is not None:
             try:
-                return f"{self.task_name}:{self._format.format_map(arguments)}"
+                return self._checked(f"{self.task_name}:{self._format.format_map(arguments)}")
+            except LockKeyError:
+                raise
             except (LookupError, AttributeError, ValueError) as exc:
                 raise LockKeyError(
                     f"task {self.task_name!r}: lock_key {self._format!r} cannot be formatted "
@@ -241,6 +244,19 @@ class KeyBuilder:
             ) from None
         digest = hashlib.sha256(text.encode("ascii")).hexdigest()
         return f"{self.task_name}:{digest}"
+
+    def _checked(self, key: str) -> str:
+        """A key built from the call's own values (format string, callable) must still be one
+        the managers accept; say which task and option produced it when it is not."""
+        try:
+            return check_key(key)
+        except ValueError as exc:
+            spec = self._format if self._format is not None else self._callable
+            raise LockKeyError(
+                f"task {self.task_name!r}: lock_key {spec!r} produced an unusable key for "
+                f"these arguments ({exc}); hash long values or use a callable lock_key",
+                task_name=self.task_name,
+            ) from exc
 
     def _bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         if self._signature is None:

@@ -663,16 +663,7 @@ def _(env: Env) -> None:
         ttl.apply()
 
 
-@case(
-    "celery-format-key-from-hostile-argument",
-    pytest.mark.xfail(
-        strict=True,
-        reason="keys.py: a lock_key format string embeds the raw argument; an argument of "
-        "64 Ki characters (or one holding NUL) makes a key the managers refuse, and the task "
-        "fails with a bare ValueError from _validate.check_key that names neither the task "
-        "nor lock_key (expected: LockKeyError naming both, or a hashed key)",
-    ),
-)
+@case("celery-format-key-from-hostile-argument")
 def _(env: Env) -> None:
     app = celery_app(env)
 
