@@ -184,7 +184,8 @@ def test_cleaner_over_hybrid_counts_an_unreachable_store(parts) -> None:
     hybrid = HybridLockManager(redis, file, retry_interval=60)
     assert hybrid.acquire("k") is not None
     report = LockCleaner(hybrid).clean(dry_run=True)
-    assert (report.scanned, report.removed, report.errors) == (1, 0, 0)
+    # The Redis lock and its same-token shadow file lock: entries are counted per store.
+    assert (report.scanned, report.removed, report.errors) == (2, 0, 0)
     server.connected = False
     report = LockCleaner([hybrid, redis]).clean()
     assert report.errors >= 1
@@ -252,3 +253,50 @@ def test_hybrid_contention_six_processes(redis_server: RedisServer, tmp_path: Pa
     assert result.acquired == result.final_count == 900
     assert result.fences_increasing
     assert set(result.backends) == {"redis"}
+
+
+def test_redis_lease_holds_a_same_token_shadow_file_lock(parts) -> None:
+    """While serving from Redis the hybrid also holds the file lock, so a same-host process
+    that sees Redis as down (a file-only view of the same folder) stays out, and vice versa."""
+    _server, redis, file = parts
+    hybrid = HybridLockManager(redis, file, retry_interval=60)
+    on_files = HybridLockManager(None, FileLockManager(file.directory))
+    lease = hybrid.acquire("k", ttl=5)
+    assert lease is not None and lease.backend == "redis"
+    shadow = file.inspect("k")
+    assert shadow is not None and shadow.token_prefix == lease.token[:8]
+    assert on_files.acquire("k") is None
+    assert [i.backend for i in hybrid.iter_locks()] == ["redis"]  # the shadow is not listed
+    renewed = hybrid.extend(lease, ttl=60)
+    assert renewed is not None
+    assert file.inspect("k").expires_at > lease.expires_at + 30  # type: ignore[union-attr]
+    assert hybrid.release(renewed)
+    assert not file.is_locked("k") and not redis.is_locked("k")
+    held = on_files.acquire("k")
+    assert held is not None
+    assert hybrid.acquire("k") is None  # held in files on this host: not granted from Redis
+    assert not redis.is_locked("k")  # and Redis was not even asked to hold it
+    assert on_files.release(held)
+
+
+def test_busy_redis_drops_the_shadow(parts) -> None:
+    _server, redis, file = parts
+    other = redis.acquire("k")  # held in Redis by another host (no shadow here)
+    assert other is not None
+    hybrid = HybridLockManager(redis, file, retry_interval=60)
+    assert hybrid.acquire("k") is None
+    assert not file.is_locked("k")
+
+
+def test_unusable_folder_still_grants_from_redis(parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    _server, redis, file = parts
+    hybrid = HybridLockManager(redis, file, retry_interval=60)
+
+    def broken(*args: object) -> None:
+        raise LockBackendUnavailable("disk full", backend="file")
+
+    monkeypatch.setattr(file, "_try_acquire", broken)
+    monkeypatch.setattr(file, "_release", broken)
+    lease = hybrid.acquire("k")
+    assert lease is not None and lease.backend == "redis"
+    assert hybrid.release(lease) is True  # the shadow's release failure is not the caller's

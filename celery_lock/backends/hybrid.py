@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
 import time as _time
@@ -34,7 +35,9 @@ class HybridLockManager(LockManager):
     from the file backend without touching Redis until ``retry_interval`` seconds have passed;
     then the next call probes Redis (a failed probe is logged at DEBUG and re-arms the timer); the
     first success logs one INFO and closes the circuit. A lease is always released and extended
-    on the backend that granted it (``lease.backend``).
+    on the backend that granted it (``lease.backend``). While it serves from Redis it also holds
+    a same-token "shadow" file lock, so processes on this host that still (or already) see Redis
+    as down cannot take the key from files meanwhile, and vice versa.
 
     .. warning:: File locks exclude only processes on the **same host**. While Redis is down,
        two hosts can run the same job; fences are comparable only within one backend.
@@ -203,24 +206,57 @@ class HybridLockManager(LockManager):
         self, key: str, ttl: float, token: str, task_id: str | None, task_name: str | None
     ) -> Lease | None:
         redis = self._redis_due()
+        file = self._file
         error: LockBackendUnavailable | None = None
         if redis is not None:
-            # A key still held in files (granted while Redis was down, by us or another process
-            # on this host) is not granted from Redis until that file lease ends: no same-host
-            # double grant across a transition.
-            if self._file is not None and self._file.is_locked(key):
-                return None
+            # While serving from Redis the hybrid also holds a "shadow" file lock with the same
+            # token. Processes on this host that see Redis as down (each notices an outage, and
+            # its end, on its own schedule) take file locks, so the shadow keeps them out, and a
+            # key they hold in files is not granted from Redis: no same-host double grant
+            # across a transition, in either direction. A check of the file before the Redis
+            # grant would leave a window open (check-then-act).
+            shadow = None
+            if file is not None:
+                try:
+                    shadow = file._try_acquire(key, ttl, token, task_id, task_name)
+                except LockBackendUnavailable as exc:
+                    # The folder is unusable (disk full...): Redis alone still excludes.
+                    self._log.debug("shadow file lock for %s failed: %s", key, exc)
+                    file = None
+                else:
+                    if shadow is None:
+                        return None  # held in files on this host
             try:
-                return self._via_redis(
+                lease = self._via_redis(
                     lambda: redis._try_acquire(key, ttl, token, task_id, task_name)
                 )
             except LockBackendUnavailable as exc:
+                if shadow is not None and file is not None:
+                    # Redis just failed: the shadow is the fallback lease (with the file
+                    # manager's default ttl when the caller gave none).
+                    if getattr(self._call, "ttl_defaulted", False):
+                        shadow = file._extend(shadow, file.default_ttl) or shadow
+                    return shadow
                 error = exc
+            else:
+                if lease is None and shadow is not None:
+                    self._release_shadow(shadow)
+                return lease
         file = self._need_file(error)
         if getattr(self._call, "ttl_defaulted", False):
             # The backend is chosen here, per attempt, so its default is applied here too.
             ttl = file.default_ttl
         return file._try_acquire(key, ttl, token, task_id, task_name)
+
+    def _release_shadow(self, lease: Lease) -> None:
+        """Drop the same-token file lock that stands beside a Redis lease (best effort: a
+        leftover shadow only delays same-host contenders until it expires or is cleaned)."""
+        if self._file is None:
+            return
+        try:
+            self._file._release(dataclasses.replace(lease, backend="file"))
+        except LockBackendUnavailable as exc:
+            self._log.debug("could not release the shadow file lock of %s: %s", lease.key, exc)
 
     def _check_lease(self, lease: object) -> None:
         if not isinstance(lease, Lease):
@@ -244,11 +280,13 @@ class HybridLockManager(LockManager):
         if lease.backend == "file":
             return manager._release(lease)
         try:
-            return self._via_redis(lambda: manager._release(lease))
+            released = self._via_redis(lambda: manager._release(lease))
         except LockBackendUnavailable:
             # The lease cannot be confirmed released; it ends with its TTL (the caller is not
             # given an exception: the work is done and nothing else can be saved).
-            return False
+            released = False
+        self._release_shadow(lease)
+        return released
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
         manager = self._manager_for(lease)
@@ -257,7 +295,12 @@ class HybridLockManager(LockManager):
             return manager._extend(lease, ttl)
         # A LockBackendUnavailable is raised, not turned into None ("lost"): the Redis lease may
         # still be valid, and the renewer retries while it lasts.
-        return self._via_redis(lambda: manager._extend(lease, ttl))
+        renewed = self._via_redis(lambda: manager._extend(lease, ttl))
+        if renewed is not None and self._file is not None:
+            with contextlib.suppress(LockBackendUnavailable):
+                # Best effort, like the shadow itself: Redis decides whether the lease lives.
+                self._file._extend(dataclasses.replace(lease, backend="file"), ttl)
+        return renewed
 
     def _inspect(self, key: str) -> LockInfo | None:
         redis = self._redis_due()
@@ -272,6 +315,7 @@ class HybridLockManager(LockManager):
         return self._file._inspect(key) if self._file is not None else None
 
     def _iter_locks(self) -> Iterator[LockInfo]:
+        shadows: set[tuple[str, str | None]] = set()
         redis = self._redis_due()
         if redis is not None:
             try:
@@ -280,8 +324,11 @@ class HybridLockManager(LockManager):
                 pass
             else:
                 yield from infos
+                shadows = {(i.key, i.token_prefix) for i in infos}
         if self._file is not None:
-            yield from self._file._iter_locks()
+            for info in self._file._iter_locks():
+                if (info.key, info.token_prefix) not in shadows:  # a Redis lease's shadow
+                    yield info
 
     def _break(self, key: str, *, task_id: str | None, only_if_dead: bool) -> bool:
         broken = False

@@ -77,6 +77,14 @@ def dead_url() -> str:
     return f"redis://127.0.0.1:{free_port()}/0"
 
 
+def entries_per_lock(backend_spec: tuple[str, dict[str, Any]]) -> int:
+    """Store entries one held lock makes: 2 for a hybrid whose Redis answers (the Redis lock and
+    its same-token shadow file lock), else 1."""
+    factory, kwargs = backend_spec
+    # spec() gives the answering hybrid a key prefix and the hybrid-down one a dead URL only.
+    return 2 if factory.endswith(":hybrid_manager") and "prefix" in kwargs else 1
+
+
 def spec(
     backend: str, url: str, directory: Path, prefix: str = "rel"
 ) -> tuple[str, dict[str, Any]]:
@@ -903,11 +911,14 @@ def cleaner_race(
     stats = result[0] if result else LoopStats(errors=["contenders did not finish"])
     left = sum(manager.is_locked(k) for k in dead_keys)
     facts = ContentionFacts(stats, section.count(), section.fences(), time.monotonic() - began)
+    # A hybrid serving from Redis holds a shadow file lock beside each Redis lock: a dead holder
+    # leaves two entries, and the cleaner's report counts entries per store.
+    per_holder = entries_per_lock(backend_spec)
     return CleanerRaceFacts(
         contention=facts,
         passes=passes,
-        removed_live=max(0, removed - dead),
-        dead_removed=min(removed, dead),
+        removed_live=max(0, removed - dead * per_holder),
+        dead_removed=min(removed, dead * per_holder) // per_holder,
         dead_left=left,
         clean_errors=errors,
     )
