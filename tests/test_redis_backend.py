@@ -246,7 +246,9 @@ def test_acquire_release_roundtrip(manager: RedisLockManager, client: Any) -> No
     assert manager.release(lease) is True
     assert manager.release(lease) is False
     assert not manager.is_locked("k")
-    assert client.exists("celery_lock:{k}") == 0
+    # What stays is a short-lived tombstone (free for everybody; see _RELEASE).
+    assert text(client.get("celery_lock:{k}")) == "~" + lease.token
+    assert 0 < client.pttl("celery_lock:{k}") <= 30_000
 
 
 def test_first_fence_is_seeded_from_the_server_clock(manager: RedisLockManager) -> None:
@@ -362,14 +364,43 @@ def test_expired_lease_cannot_release_or_extend_the_successor(
     assert manager.release(new) is True
 
 
-def test_lease_expired_by_its_clock_reports_lost(manager: RedisLockManager, client: Any) -> None:
+def test_the_server_clock_decides_expiry(manager: RedisLockManager, client: Any) -> None:
+    """Expiry is the server's call (it expires the key): a lease whose client-side deadline
+    passed while the server still holds its token is renewed and released normally (the
+    client's wall clock may have jumped), and a lease the server let expire is gone."""
     lease = manager.acquire("k", ttl=30)
     assert lease is not None
-    stale = dataclasses.replace(lease, expires_at=time.time() - 1)
-    assert manager.extend(stale, ttl=300) is None
-    assert client.pttl("celery_lock:{k}") <= 30_000  # not renewed
-    assert manager.release(stale) is False
-    assert not manager.is_locked("k")  # our own leftover value is still removed
+    skewed = dataclasses.replace(lease, expires_at=time.time() - 1)
+    renewed = manager.extend(skewed, ttl=300)
+    assert renewed is not None
+    assert client.pttl("celery_lock:{k}") > 30_000
+    assert manager.release(renewed) is True
+    assert manager.release(renewed) is False  # released already: it holds nothing
+    short = manager.acquire("k", ttl=0.05)
+    assert short is not None
+    deadline = time.monotonic() + 5
+    while manager.is_locked("k") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert manager.extend(short) is None
+    assert manager.release(short) is False
+
+
+def test_a_resent_release_recognises_its_own_success(
+    manager: RedisLockManager, client: Any
+) -> None:
+    """The release leaves a tombstone: a second manager instance (or a client retry after a
+    lost reply) releasing the same lease learns it succeeded; acquirers see a free key."""
+    lease = manager.acquire("k", ttl=30)
+    assert lease is not None
+    other = RedisLockManager(client)
+    assert manager.release(lease) is True
+    assert other.release(lease) is True  # what a re-sent release sees
+    assert not manager.is_locked("k") and manager.inspect("k") is None
+    assert [i.key for i in manager.iter_locks()] == []
+    successor = other.acquire("k")
+    assert successor is not None
+    assert other.release(lease) is False  # a successor holds it now: left alone
+    assert manager.is_locked("k")
 
 
 # ------------------------------------------------------------------------ context manager

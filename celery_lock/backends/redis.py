@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -40,6 +41,10 @@ RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 
 #: Fence counters live at least this long after the last acquire (ms); see ``_ACQUIRE``.
 _MIN_FENCE_TTL_MS: Final = 60_000
+
+#: How long a released lock's tombstone lets a re-sent release recognise its own success (ms):
+#: well above a client's socket timeout times its retries.
+_TOMBSTONE_TTL_MS: Final = 30_000
 
 #: Everything a redis-py call can raise: its own errors, cluster set-up errors (not RedisError
 #: subclasses) and raw socket errors.
@@ -104,7 +109,8 @@ _ACQUIRE: Final = _Script(
 -- returns {1, fence} acquired; {2, fence} already ours (ttl refreshed);
 --         {0, pttl, value} held by someone else (their value carries holder metadata)
 local value = redis.call('GET', KEYS[1])
-if value then
+-- A value starting with '~' is a released lock's tombstone (see _RELEASE): free.
+if value and string.byte(value, 1) ~= 126 then
   if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
     return {2, string.match(value, '^%S+ (%d+)')}
@@ -134,13 +140,27 @@ return {1, fence}
 
 _RELEASE: Final = _Script(
     """
--- Release: delete the lock only while it still holds our token, then wake the waiters.
--- KEYS[1] lock key; ARGV[1] token, ARGV[2] wake-up channel
--- returns 1 deleted, 0 not ours (expired or taken over: left alone)
+-- Release: end the lock only while it still holds our token, then wake the waiters.
+-- Instead of a DEL it leaves a short-lived tombstone '~<token>' (free for every acquirer and
+-- reader), so a release re-sent after a lost reply still learns that it succeeded.
+-- KEYS[1] lock key; ARGV[1] token, ARGV[2] wake-up channel, ARGV[3] tombstone ttl (ms)
+-- returns 1 released (now, or by our own earlier attempt), 0 not ours (expired or taken over:
+-- left alone)
 local value = redis.call('GET', KEYS[1])
-if value and string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-  redis.call('DEL', KEYS[1])
+if not value then
+  return 0
+end
+if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+  local set = redis.pcall('SET', KEYS[1], '~' .. ARGV[1], 'PX', ARGV[3])
+  if type(set) == 'table' and set.err then
+    -- At maxmemory with noeviction a SET is refused, a DEL is not. Releasing matters more
+    -- than recognising a re-sent release.
+    redis.call('DEL', KEYS[1])
+  end
   redis.call('PUBLISH', ARGV[2], '1')
+  return 1
+end
+if value == '~' .. ARGV[1] then
   return 1
 end
 return 0
@@ -183,7 +203,7 @@ _INSPECT: Final = _Script(
 -- KEYS[1] lock key
 -- returns nil when free, else {value, pttl ms}
 local value = redis.call('GET', KEYS[1])
-if not value then
+if not value or string.byte(value, 1) == 126 then  -- '~': a released lock's tombstone
   return false
 end
 return {value, redis.call('PTTL', KEYS[1])}
@@ -242,6 +262,11 @@ class RedisLockManager(LockManager):
         super().__init__(default_ttl=default_ttl)
         self._client = client
         self._prefix = prefix
+        #: Tokens whose release this manager saw succeed (bounded, oldest first), so releasing a
+        #: lease twice says False although the server's tombstone would recognise the token.
+        self._released: dict[str, None] = {}
+        #: (lock key, token) of acquires that raised after the server may have run them.
+        self._orphans: collections.deque[tuple[str, str]] = collections.deque(maxlen=1024)
 
     @classmethod
     def from_url(
@@ -307,6 +332,8 @@ class RedisLockManager(LockManager):
             ttl_ms,
             max(ttl_ms * 2, _MIN_FENCE_TTL_MS),
         )
+        if self._orphans:
+            self._reap_orphans()
         try:
             reply = _ACQUIRE(self._client, 2, *args)
         except _CLIENT_ERRORS as exc:
@@ -330,24 +357,54 @@ class RedisLockManager(LockManager):
         try:
             reply: list[Any] = _ACQUIRE(self._client, 2, *args)
         except _CLIENT_ERRORS as exc:
+            if error is not None:
+                # Twice no answer: the script may have run (the reply lost), leaving the key
+                # held under a token nobody will use. Remember it and compare-and-delete it on
+                # the next round trip that gets through, instead of blocking the key until
+                # its ttl.
+                self._orphans.append((args[0], args[2]))
             raise self._unavailable(key, exc) from exc
         return reply
 
+    def _reap_orphans(self) -> None:
+        """Delete locks of acquires that raised after the server may have granted them."""
+        while self._orphans:
+            name, token = self._orphans[0]
+            try:
+                _RELEASE(self._client, 1, name, token, name + ":wake", _TOMBSTONE_TTL_MS)
+            except _CLIENT_ERRORS:
+                return  # still unreachable: try again next time
+            with contextlib.suppress(IndexError):
+                self._orphans.popleft()
+
     def _release(self, lease: Lease) -> bool:
+        if lease.token in self._released:
+            return False  # this manager saw it released already: it no longer holds anything
         name = self._name(lease.key)
-        now = _time.time()
         try:
-            deleted = _RELEASE(self._client, 1, name, lease.token, name + ":wake")
+            released = _RELEASE(
+                self._client, 1, name, lease.token, name + ":wake", _TOMBSTONE_TTL_MS
+            )
         except _CLIENT_ERRORS as exc:
             # The lease keeps its token: the caller may retry (redis/redis-py#3847, #4258).
             raise self._unavailable(lease.key, exc) from exc
-        # An expired lease reports False even when its value was still there to delete (§3a).
-        return deleted == 1 and now < lease.expires_at
+        # 1: the server still had our value (or our tombstone: an earlier attempt whose reply
+        # was lost), so by its clock, the one that expires keys, the lease was alive. The
+        # client's wall clock is not consulted: it may have jumped.
+        if released != 1:
+            return False
+        released_tokens = self._released
+        released_tokens[lease.token] = None
+        if len(released_tokens) > 1024:
+            # Another thread may change the dict between iter() and next(): best effort.
+            with contextlib.suppress(RuntimeError, StopIteration, KeyError):
+                del released_tokens[next(iter(released_tokens))]
+        return True
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
         now = _time.time()
-        if now >= lease.expires_at:
-            return None
+        # No client-side expiry check: the script renews only while the server still holds our
+        # token, which is exactly "not expired" by the server's clock.
         try:
             renewed = _EXTEND(
                 self._client, 1, self._name(lease.key), lease.token, math.ceil(ttl * 1000)
@@ -361,6 +418,8 @@ class RedisLockManager(LockManager):
     # ---------------------------------------------------------- inspection, breaking
 
     def _inspect(self, key: str) -> LockInfo | None:
+        if self._orphans:
+            self._reap_orphans()
         now = _time.time()
         found = self._read(key, self._name(key))
         if found is None:

@@ -99,7 +99,8 @@ class Workers:
         for: a file backend's ``is_locked`` already hides a dead holder's lock)."""
         assert self.manager.redis is not None
         with contextlib.suppress(redis.RedisError):  # the file-fallback stack has no Redis
-            if self.manager.redis.client.exists(self.manager.redis._name(key)):
+            value = self.manager.redis.client.get(self.manager.redis._name(key))
+            if value is not None and not value.startswith(b"~"):  # "~": a release's tombstone
                 return True
         return os.path.lexists(self.lock_dir / file_backend._file_name(key))
 

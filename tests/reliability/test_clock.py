@@ -167,13 +167,6 @@ def test_foreign_host_lease_follows_the_wall_clock(clock: SteppedClock, tmp_path
     assert lease is not None and lease.fence > 7
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis.py RedisLockManager._extend/_release judge a lease by the client's wall clock "
-    "(now >= lease.expires_at): after a forward step of the client's clock, extend returns None "
-    "and release False for a lease the server still holds, so the renewer reports a false loss "
-    "(ERROR + on_lost) and lock() raises LockLost",
-)
 def test_forward_jump_on_a_redis_client_keeps_a_lease_the_server_holds(
     fake_redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

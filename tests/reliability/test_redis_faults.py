@@ -327,12 +327,6 @@ def _answers(admin: redis.Redis) -> bool:
         return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis.py RedisLockManager._acquire: when every attempt times out after the server "
-    "ran the script, acquire raises LockBackendUnavailable but the lock stays held under a "
-    "token nobody has, until its TTL (300 s by default)",
-)
 def test_acquire_that_raised_leaves_no_lock_behind(
     own_redis_server: RedisServer, admin: redis.Redis
 ) -> None:
@@ -370,12 +364,6 @@ def test_lost_release_reply_is_safe(own_redis_server: RedisServer, admin: redis.
     assert info is not None and info.token_prefix == successor.token[:8]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redis.py RedisLockManager._release: after a lost reply the retried release finds "
-    "the key already deleted (by its own first attempt) and reports False, so lock() raises a "
-    "false LockLost although the lease was held and is released",
-)
 def test_lost_release_reply_reports_true(own_redis_server: RedisServer, admin: redis.Redis) -> None:
     """Same stall as above: the lease was valid and its first attempt deleted it, so release
     must report True (False means "lost while held" to callers: lock() raises LockLost)."""
