@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ON_DUPLICATE",
     "OPTION_NAMES",
+    "SETTING_NAMES",
     "LockSettings",
     "TaskLockOptions",
     "get_manager",
@@ -56,6 +57,22 @@ OPTION_NAMES: Final = (
     "lock_max_requeues",
     "lock_on_duplicate",
     "lock_renew",
+)
+
+#: The app settings (``app.conf``; ``CELERY_LOCK_*`` under Django's namespace).
+SETTING_NAMES: Final = (
+    "lock_redis_url",
+    "lock_directory",
+    "lock_default_ttl",
+    "lock_key_prefix",
+    "lock_fallback",
+    "lock_retry_interval",
+    "lock_cleanup_interval",
+    "lock_default_mode",
+    "lock_default_countdown",
+    "lock_default_max_requeues",
+    "lock_default_on_duplicate",
+    "lock_default_renew",
 )
 
 #: Broker URL schemes whose server can also hold the locks (``lock_redis_url`` default).
