@@ -27,15 +27,28 @@ class RenewalHandle:
     """A registered lease. ``lease`` is the current (renewed) lease; ``lost`` turns True once the
     lease was truly lost (taken over, expired, or unrenewable until it expired)."""
 
-    __slots__ = ("_cancelled", "due", "interval", "lease", "lost", "manager", "on_lost")
+    __slots__ = (
+        "_cancelled",
+        "_renewer",
+        "_retired",
+        "due",
+        "interval",
+        "lease",
+        "lost",
+        "manager",
+        "on_lost",
+    )
 
     def __init__(
         self,
+        renewer: Renewer,
         manager: LockManager,
         lease: Lease,
         on_lost: Callable[[RenewalHandle], object] | None,
         interval: float,
     ) -> None:
+        self._renewer = renewer
+        self._retired = False
         self.manager = manager
         self.lease = lease
         self.on_lost = on_lost
@@ -51,6 +64,7 @@ class RenewalHandle:
     def cancel(self) -> None:
         """Stop renewing (call before releasing the lease)."""
         self._cancelled = True
+        self._renewer._retire(self)
 
     def ensure_held(self) -> None:
         """Raise :class:`~celery_lock.errors.LockLost` if the lease was lost."""
@@ -80,6 +94,18 @@ class Renewer:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+        #: Registered handles neither cancelled nor lost.
+        self._live = 0
+
+    def _retire(self, handle: RenewalHandle) -> bool:
+        """Count ``handle`` out of the live ones; True for the one call (cancel or loss, from
+        any thread) that did it."""
+        with self._cond:
+            if handle._retired:
+                return False
+            handle._retired = True
+            self._live -= 1
+            return True
 
     def register(
         self,
@@ -91,20 +117,33 @@ class Renewer:
     ) -> RenewalHandle:
         """Keep ``lease`` alive until the handle is cancelled; renew every ``interval`` seconds
         (default ``lease.ttl / 3``)."""
-        handle = RenewalHandle(manager, lease, on_lost, interval or lease.ttl / 3)
+        handle = RenewalHandle(self, manager, lease, on_lost, interval or lease.ttl / 3)
+        due = _time.monotonic() + handle.interval
         with self._cond:
-            self._schedule(handle, _time.monotonic() + handle.interval)
+            heap = self._heap
+            # Most leases end (cancelled) long before their first renewal; their entries wait
+            # in the heap until due. Drop them once they outnumber the live ones, so the heap
+            # stays proportional to the leases actually held.
+            if len(heap) > 2 * self._live + 64:
+                heap[:] = [e for e in heap if e[2].active]
+                heapq.heapify(heap)
+            earliest = heap[0][0] if heap else None
+            self._live += 1
+            self._schedule(handle, due)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="celery_lock-renewer", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            elif earliest is None or due < earliest:
+                # Wake the thread only when it would otherwise sleep past this lease's first
+                # renewal: a wake-up per task is a thread switch per task on the hot path.
+                self._cond.notify()
         return handle
 
     def __len__(self) -> int:
-        with self._cond:
-            return sum(1 for _, _, h in self._heap if h.active)
+        """How many leases are being kept alive."""
+        return self._live
 
     def _schedule(self, handle: RenewalHandle, due: float) -> None:
         handle.due = due
@@ -159,7 +198,7 @@ class Renewer:
                 self._schedule(handle, _time.monotonic() + handle.interval)
 
     def _lost(self, handle: RenewalHandle, reason: str) -> None:
-        if not handle.active:
+        if not self._retire(handle):
             return  # cancelled meanwhile: the owner released it on purpose
         handle.lost = True
         lease = handle.lease

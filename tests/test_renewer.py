@@ -131,3 +131,37 @@ def test_forked_child_gets_its_own_renewer() -> None:
     assert os.read(read, 1) == b"1"
     os.close(read)
     os.waitpid(pid, 0)
+
+
+def test_short_leases_leave_a_bounded_heap_and_no_wakeups() -> None:
+    """Tasks register and cancel far more leases than ever reach a renewal: the heap stays
+    proportional to live leases, and registering a later lease does not wake the thread."""
+    m = MemoryLockManager()
+    renewer = Renewer()
+    first = renewer.register(m, m.acquire("first", ttl=300))  # type: ignore[arg-type]
+    notified: list[int] = []
+    original = renewer._cond.notify
+    renewer._cond.notify = lambda n=1: notified.append(n) or original(n)  # type: ignore[method-assign]
+    for i in range(2000):
+        lease = m.acquire(f"k{i}", ttl=300)
+        assert lease is not None
+        renewer.register(m, lease).cancel()
+        m.release(lease)
+    assert notified == []  # each was due after the first lease: nothing to wake up for
+    assert len(renewer) == 1
+    assert len(renewer._heap) <= 2 * 1 + 65
+    first.cancel()
+    first.cancel()  # idempotent
+    assert len(renewer) == 0
+
+
+def test_a_lost_then_cancelled_lease_is_counted_out_once() -> None:
+    m = MemoryLockManager()
+    renewer = Renewer()
+    lease = m.acquire("k", ttl=0.3)
+    assert lease is not None
+    handle = renewer.register(m, lease)
+    m.held.clear()
+    assert wait_for(lambda: handle.lost)
+    handle.cancel()
+    assert len(renewer) == 0
