@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time as _time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class RenewalHandle:
         "_renewer",
         "_retired",
         "due",
+        "extra",
         "interval",
         "lease",
         "lost",
@@ -46,6 +47,7 @@ class RenewalHandle:
         lease: Lease,
         on_lost: Callable[[RenewalHandle], object] | None,
         interval: float,
+        extra: Mapping[str, object] | None = None,
     ) -> None:
         self._renewer = renewer
         self._retired = False
@@ -53,6 +55,8 @@ class RenewalHandle:
         self.lease = lease
         self.on_lost = on_lost
         self.interval = interval
+        #: Extra log fields for this lease (a task's ``task_id`` / ``task_name``).
+        self.extra = dict(extra or {})
         self.lost = False
         self.due = 0.0
         self._cancelled = False
@@ -114,10 +118,12 @@ class Renewer:
         *,
         on_lost: Callable[[RenewalHandle], object] | None = None,
         interval: float | None = None,
+        extra: Mapping[str, object] | None = None,
     ) -> RenewalHandle:
         """Keep ``lease`` alive until the handle is cancelled; renew every ``interval`` seconds
-        (default ``lease.ttl / 3``)."""
-        handle = RenewalHandle(self, manager, lease, on_lost, interval or lease.ttl / 3)
+        (default ``lease.ttl / 3``). ``extra`` fields go on the log record of a loss (the one
+        ERROR line for it), e.g. the Celery task's ``task_id`` and ``task_name``."""
+        handle = RenewalHandle(self, manager, lease, on_lost, interval or lease.ttl / 3, extra)
         due = _time.monotonic() + handle.interval
         with self._cond:
             heap = self._heap
@@ -208,6 +214,7 @@ class Renewer:
             lease.fence,
             reason,
             extra={
+                **handle.extra,
                 "lock_key": lease.key,
                 "backend": lease.backend,
                 "fence": lease.fence,

@@ -243,7 +243,12 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
                 sender=self, task_id=request.id, key=key, lease=lease, wait_ms=wait_ms
             )
             if options.renew:
-                handle = get_renewer().register(manager, lease, on_lost=self._on_lost(request))
+                handle = get_renewer().register(
+                    manager,
+                    lease,
+                    on_lost=self._on_lost(request),
+                    extra={"task_id": request.id, "task_name": self.name},
+                )
                 setattr(request, _HELD, (manager, lease, handle))
             return self.run(*args, **kwargs)
         finally:
@@ -370,15 +375,8 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         task_id = request.id
 
         def on_lost(handle: RenewalHandle) -> None:
+            # The renewer already logged the one ERROR line, with this task's fields.
             lease = handle.lease
-            logger.error(
-                "%s[%s] lost its lock %s (fence %d) while running",
-                self.name,
-                task_id,
-                lease.key,
-                lease.fence,
-                extra=self._extra(request, lease.key, lease.backend, lease.fence),
-            )
             lock_lost.send(sender=self, task_id=task_id, key=lease.key, lease=lease)
 
         return on_lost

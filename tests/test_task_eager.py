@@ -299,9 +299,15 @@ def test_lost_lease_logs_one_error_and_sends_lock_lost(
     thread.join(10)
     assert out[0].result == "r3"  # the task itself runs on
     assert [(kw["task_id"], kw["key"]) for kw in lost] == [(out[0].id, key)]
-    errors = [r for r in caplog.records if r.name == "celery_lock.task" and r.levelno >= 40]
+    # One ERROR line for the event (the renewer's), carrying the task's fields.
+    errors = [r for r in caplog.records if r.name.startswith("celery_lock") and r.levelno >= 40]
     assert len(errors) == 1
-    assert (errors[0].task_id, errors[0].lock_key) == (out[0].id, key)
+    assert errors[0].name == "celery_lock.renewer"
+    assert (errors[0].task_id, errors[0].task_name, errors[0].lock_key) == (
+        out[0].id,
+        env.t["renewed"].name,
+        key,
+    )
 
 
 def test_successful_run_logs_nothing_above_debug(
