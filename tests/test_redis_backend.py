@@ -44,6 +44,7 @@ from celery_lock.backends.redis import (
 from celery_lock.errors import LockBackendUnavailable, LockLost, LockNotAcquired
 from tests._contention import run_contention
 from tests._redis_server import RedisServer, free_port
+from tests._workers import wait_for
 
 LOGGER = "celery_lock.redis"
 
@@ -53,14 +54,7 @@ LOGGER = "celery_lock.redis"
 
 def wait_until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
     """Poll ``condition`` every 5 ms until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.005)
+    return wait_for(condition, timeout, 0.005, what)
 
 
 def name_of(key: str, prefix: str = "celery_lock") -> str:
