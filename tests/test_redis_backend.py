@@ -43,7 +43,7 @@ from celery_lock.backends.redis import (
 )
 from celery_lock.errors import LockBackendUnavailable, LockLost, LockNotAcquired
 from tests._contention import run_contention
-from tests._redis_server import RedisServer, free_port
+from tests._redis_server import RedisServer, free_port, skip_or_fail
 from tests._workers import wait_for
 
 LOGGER = "celery_lock.redis"
@@ -93,7 +93,7 @@ def dead_holder_value(token: str = "d" * 32, fence: int = 7, **meta: Any) -> str
     """A value whose holder ran on this host, boot and pid namespace, and exited (reaped)."""
     ident = _identity.current()
     if ident.boot_id is None or ident.pid_ns is None:
-        pytest.skip("needs /proc (boot id and pid namespace) to prove a holder dead")
+        skip_or_fail("needs /proc (boot id and pid namespace) to prove a holder dead")
     proc = subprocess.Popen(["sleep", "30"])
     try:
         found = _identity.process_start(proc.pid)
