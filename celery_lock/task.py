@@ -389,14 +389,21 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         fence: int | None,
         **more: object,
     ) -> dict[str, object]:
-        return {
-            "lock_key": key,
-            "backend": backend,
-            "fence": fence,
-            "task_id": request.id,
-            "task_name": self.name,
-            **more,
-        }
+        return _log_fields(self.name, request.id, key, backend, fence, **more)
+
+
+def _log_fields(
+    task_name: str, task_id: str | None, key: str, backend: str, fence: int | None, **more: object
+) -> dict[str, object]:
+    """The structured ``extra`` of a log record about a task's lock (DESIGN §5)."""
+    return {
+        "lock_key": key,
+        "backend": backend,
+        "fence": fence,
+        "task_id": task_id,
+        "task_name": task_name,
+        **more,
+    }
 
 
 class _Call(NamedTuple):
@@ -451,13 +458,7 @@ def _release_held(request: Context, task_name: str) -> None:
             request.id,
             lease.key,
             exc,
-            extra={
-                "lock_key": lease.key,
-                "backend": lease.backend,
-                "fence": lease.fence,
-                "task_id": request.id,
-                "task_name": task_name,
-            },
+            extra=_log_fields(task_name, request.id, lease.key, lease.backend, lease.fence),
         )
 
 
