@@ -27,7 +27,6 @@ from celery_lock.errors import LockBackendUnavailable, LockError
 from tests._redis_server import skip_or_fail
 
 LOCK_NAME = re.compile(r"[0-9a-f]{40}\.lock\Z")
-GUARD_NAME = re.compile(r"\.guard\.[0-9a-f]{2}\Z")
 HOUR = 3600.0
 
 
@@ -72,6 +71,19 @@ def plant_raw(manager: FileLockManager, key: str, content: bytes, *, age: float 
     if age:
         set_age(path, age)
     return path
+
+
+def on_disk(manager: FileLockManager, key: str) -> dict[str, Any] | None:
+    """The holder record in ``key``'s lock file; None when the file is absent or free."""
+    try:
+        data = lock_path(manager, key).read_bytes()
+    except FileNotFoundError:
+        return None
+    if not data:
+        return None  # created, never written: free
+    record = json.loads(data)
+    assert isinstance(record, dict)
+    return record if "token" in record else None
 
 
 def set_age(path: Path, age: float) -> None:
@@ -122,7 +134,7 @@ def test_directory_is_created_private_with_private_files(tmp_path: Path) -> None
     lease = manager.acquire("job")
     assert lease is not None
     files = list(directory.iterdir())
-    assert {p.name for p in files} == {_file_name("job"), ".guard." + _file_name("job")[:2]}
+    assert {p.name for p in files} == {_file_name("job")}
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert repr(manager) == f"FileLockManager(directory={str(directory)!r})"
@@ -361,13 +373,15 @@ def test_hostile_keys_never_leave_the_directory(manager: FileLockManager, tmp_pa
     assert new
     for path in new:
         assert path.parent == manager.directory, path
-        assert LOCK_NAME.match(path.name) or GUARD_NAME.match(path.name), path.name
+        assert LOCK_NAME.match(path.name), path.name
     for key in HOSTILE_KEYS:
         info = manager.inspect(key)
         assert info is not None and info.key == key
     assert sorted(i.key for i in manager.iter_locks()) == sorted(HOSTILE_KEYS)
     for lease in leases:
         assert lease is not None and manager.release(lease)
+    assert all(on_disk(manager, key) is None for key in HOSTILE_KEYS)
+    assert manager.clean() == CleanReport()  # free files are not locks: removed, not counted
     assert {p.name for p in manager.directory.iterdir() if LOCK_NAME.match(p.name)} == set()
 
 
@@ -451,7 +465,6 @@ def test_directory_in_place_of_a_lock_blocks_the_key_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="celery_lock.file"):
         assert manager.acquire("job") is None
     assert any("a directory is in its place" in r.getMessage() for r in caplog.records)
-    assert [p.name for p in manager.directory.iterdir() if p.name.startswith(".tmp.")] == []
     report = manager.clean()
     assert (report.scanned, report.removed, report.errors) == (1, 0, 1)
 
@@ -464,7 +477,6 @@ def _valid_meta(**overrides: Any) -> bytes:
 
 
 CORRUPT = {
-    "empty": b"",
     "half object": b'{"key": "job", "token": "abc", "fen',
     "garbage": b"\x00\x01 not json at all",
     "list": b"[1, 2, 3]",
@@ -508,14 +520,28 @@ def test_entry_vanishing_between_open_and_lstat_is_absent(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_open = os.open
+    calls: list[int] = []
 
     def open_symlink_that_then_vanishes(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
         if path == _file_name("job"):
-            raise OSError(errno.ELOOP, "Too many levels of symbolic links")
+            calls.append(flags)
+            if len(calls) == 1:  # a symlink, gone before lstat: the name is looked at again
+                raise OSError(errno.ELOOP, "Too many levels of symbolic links")
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", open_symlink_that_then_vanishes)
     assert manager._read(_file_name("job")) is None
+    assert len(calls) == 2
+
+
+def test_an_empty_lock_file_is_free(manager: FileLockManager) -> None:
+    # What O_CREAT leaves when its creator dies before the first write under the flock: every
+    # writer of ours writes under the exclusive flock, so an empty file never hides a holder.
+    plant_raw(manager, "job", b"")
+    assert not manager.is_locked("job")
+    lease = manager.acquire("job")
+    assert lease is not None
+    assert on_disk(manager, "job")["token"] == lease.token  # type: ignore[index]
 
 
 def test_corrupt_warnings_are_remembered_in_bounded_memory(manager: FileLockManager) -> None:
@@ -613,17 +639,26 @@ def test_lock_from_another_host_or_boot_expires_by_wall_clock(
 
 
 def test_fences_increase_across_leases_even_after_the_file_is_deleted(
-    manager: FileLockManager,
+    manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fences = []
-    for _ in range(50):
+    for _ in range(20):
         lease = manager.acquire("job")
         assert lease is not None
         fences.append(lease.fence)
         assert manager.release(lease)
-        assert not lock_path(manager, "job").exists()
-    assert all(a < b for a, b in zip(fences, fences[1:]))
+        assert json.loads(lock_path(manager, "job").read_bytes()) == {"v": 1, "fence": lease.fence}
     assert fences[0] >= time.time_ns() // 1000 - 60_000_000  # seeded from the clock
+    assert manager.clean() == CleanReport()
+    assert not lock_path(manager, "job").exists()
+    # The cleaner kept the fence in .fences: even with the wall clock an hour back, the
+    # re-created file goes on from it.
+    shift_wall_clock(monkeypatch, -HOUR)
+    for _ in range(3):
+        lease = manager.acquire("job")
+        assert lease is not None and manager.release(lease)
+        fences.append(lease.fence)
+    assert all(a < b for a, b in zip(fences, fences[1:]))
 
 
 def test_fences_increase_with_the_wall_clock_stepped_back(
@@ -649,30 +684,25 @@ def test_fences_survive_a_new_manager_and_are_shared_by_the_bucket(lock_dir: Pat
     assert second is not None and second.fence > first.fence
 
 
-def test_fork_reset_is_done_once(manager: FileLockManager) -> None:
-    locks = manager._bucket_locks
-    manager._after_fork()  # same pid: nothing to redo
-    assert manager._bucket_locks is locks
-
-
-def test_garbage_in_the_guard_file_does_not_wedge_fences(manager: FileLockManager) -> None:
-    guard = manager.directory / (".guard." + _file_name("job")[:2])
-    lease = manager.acquire("job")
-    assert lease is not None and manager.release(lease)
-    guard.write_bytes(b"\xff" * 8)
+@pytest.mark.parametrize(
+    "where", ["fences file", "free record"], ids=["garbage in .fences", "huge free fence"]
+)
+def test_garbage_fences_do_not_wedge_fences(manager: FileLockManager, where: str) -> None:
+    if where == "fences file":
+        (manager.directory / ".fences").write_bytes(b"\xff" * 8 * 256)
+    else:
+        plant_raw(manager, "job", b'{"v":1,"fence":%d}' % (1 << 63))
     lease = manager.acquire("job")
     assert lease is not None
     assert 0 < lease.fence < 1 << 62
-    assert guard.read_bytes() == lease.fence.to_bytes(8, "big")
 
 
 def test_a_failed_attempt_does_not_consume_a_fence(manager: FileLockManager) -> None:
-    guard = manager.directory / (".guard." + _file_name("job")[:2])
     lease = manager.acquire("job")
     assert lease is not None
-    stored = guard.read_bytes()
+    stored = lock_path(manager, "job").read_bytes()
     assert manager.acquire("job") is None
-    assert guard.read_bytes() == stored
+    assert lock_path(manager, "job").read_bytes() == stored
 
 
 # ------------------------------------------------------------------------ ownership
@@ -718,7 +748,7 @@ def test_foreign_lease_cannot_release_or_extend(manager: FileLockManager) -> Non
     assert manager.extend(lease) is None
 
 
-def test_expired_own_lease_release_is_false_but_removes_the_file(
+def test_expired_own_lease_release_is_false_but_frees_the_file(
     manager: FileLockManager,
 ) -> None:
     lease = manager.acquire("job", ttl=0.01)
@@ -728,7 +758,7 @@ def test_expired_own_lease_release_is_false_but_removes_the_file(
     assert manager.extend(lease) is None
     assert path.exists()  # extend does not delete
     assert manager.release(lease) is False
-    assert not path.exists()
+    assert on_disk(manager, "job") is None  # freed all the same: nobody else held it
 
 
 def test_old_lease_never_touches_the_new_holder(manager: FileLockManager) -> None:
@@ -767,12 +797,11 @@ def test_extend_renews_the_lease_and_keeps_token_fence_and_start(
         lease.fence,
         "t1",
     )
-    assert path.stat().st_ino != old_inode  # published by rename, never rewritten in place
+    assert path.stat().st_ino == old_inode  # rewritten in place, under the file's flock
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     time.sleep(0.3)  # past the original ttl
     assert manager.acquire("job") is None
     assert manager.release(renewed)
-    assert [p for p in manager.directory.iterdir() if p.name.startswith(".tmp.")] == []
 
 
 def test_queue_mode_waits_for_the_release(manager: FileLockManager) -> None:
@@ -859,7 +888,7 @@ def test_break_lock_rules(manager: FileLockManager, caplog: pytest.LogCaptureFix
     assert manager.break_lock("job", only_if_dead=True) is False  # we are alive
     with caplog.at_level(logging.INFO, logger="celery_lock.file"):
         assert manager.break_lock("job", task_id="t-1") is True
-    assert not lock_path(manager, "job").exists()
+    assert on_disk(manager, "job") is None
     assert any("broke lock" in r.getMessage() for r in caplog.records)
     assert manager.release(lease) is False
     again = manager.acquire("job")
@@ -869,7 +898,7 @@ def test_break_lock_rules(manager: FileLockManager, caplog: pytest.LogCaptureFix
 def test_break_lock_of_a_dead_holder(manager: FileLockManager) -> None:
     plant(manager, "job", pid=dead_pid(), task_id="t-9")
     assert manager.break_lock("job", task_id="t-9", only_if_dead=True) is True
-    assert not lock_path(manager, "job").exists()
+    assert on_disk(manager, "job") is None
 
 
 def test_break_lock_leaves_expired_and_stale_files_to_the_cleaner(
@@ -887,7 +916,8 @@ def test_break_lock_of_a_fresh_unreadable_file(manager: FileLockManager) -> None
     assert manager.break_lock("job", task_id="t") is False
     assert manager.break_lock("job", only_if_dead=True) is False
     assert manager.break_lock("job") is True
-    assert not lock_path(manager, "job").exists()
+    assert on_disk(manager, "job") is None
+    assert manager.acquire("job") is not None
 
 
 def test_dead_holder_is_replaced_at_once(
@@ -917,24 +947,17 @@ def test_live_holder_in_another_process_is_respected(manager: FileLockManager) -
 # ---------------------------------------------------------------------------- clean
 
 
-def _temp(manager: FileLockManager, key: str, suffix: str, age: float) -> Path:
-    path = manager.directory / f".tmp.{_file_name(key)}.{suffix}"
-    path.write_text("partial")
-    set_age(path, age)
-    return path
-
-
-def test_clean_removes_only_stale_locks_and_old_temp_files(
+def test_clean_removes_stale_locks_and_free_files_only(
     manager: FileLockManager, caplog: pytest.LogCaptureFixture
 ) -> None:
     live = manager.acquire("live")
     assert live is not None
+    released = manager.acquire("released")
+    assert released is not None and manager.release(released)
     plant(manager, "expired", expires=time.time() - 1, bt_expires=0.0)
     plant(manager, "dead", pid=dead_pid())
     plant_raw(manager, "old-junk", b"junk", age=10)
     plant_raw(manager, "fresh-junk", b"junk")
-    old_temp = _temp(manager, "x", "1.1", 120)
-    new_temp = _temp(manager, "y", "1.2", 1)
     notes = manager.directory / "notes.txt"
     notes.write_text("keep me")
     names = {p.name for p in manager.directory.iterdir()}
@@ -947,63 +970,78 @@ def test_clean_removes_only_stale_locks_and_old_temp_files(
         report = manager.clean()
     assert (report.scanned, report.removed, report.kept, report.errors) == (5, 3, 2, 0)
     remaining = {p.name for p in manager.directory.iterdir()}
-    for key in ("expired", "dead", "old-junk"):
+    for key in ("expired", "dead", "old-junk", "released"):
         assert _file_name(key) not in remaining
     for key in ("live", "fresh-junk"):
         assert _file_name(key) in remaining
-    assert old_temp.name not in remaining and new_temp.name in remaining and notes.exists()
+    assert notes.exists()
     messages = [r.getMessage() for r in caplog.records]
     assert sum("removed stale lock" in m for m in messages) == 3
-    assert any("removed leftover temp file" in m for m in messages)
     assert manager.release(live)
     assert manager.clean() == CleanReport(scanned=1, removed=0, kept=1, errors=0)
+    # Removed files left their fences behind: re-created keys go on from them.
+    again = manager.acquire("released")
+    assert again is not None and again.fence > released.fence
 
 
-def test_clean_never_removes_a_lock_reacquired_after_its_first_look(
+def test_an_acquirer_waiting_on_a_file_the_cleaner_removes_locks_the_new_file(
     lock_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cleaner, other = FileLockManager(lock_dir), FileLockManager(lock_dir)
-    plant(cleaner, "job", expires=time.time() - 1, bt_expires=0.0)
-    real_read = cleaner._read
-    taken: list[Lease] = []
+    first = other.acquire("job")
+    assert first is not None and other.release(first)  # a free file: the cleaner removes it
+    real_record, real_wait = cleaner._record_fence, other._wait_flock
+    waited: list[str] = []
+    got: list[Lease | None] = []
 
-    def read_then_race(name: str) -> Any:
-        entry = real_read(name)
-        if not taken:
-            # Between the cleaner's unguarded look and its guarded re-check, somebody breaks
-            # the stale lock and takes the key.
-            lease = other.acquire("job")
-            assert lease is not None
-            taken.append(lease)
-        return entry
+    def wait_flock(*args: Any) -> None:
+        waited.append(args[-1])
+        real_wait(*args)
 
-    monkeypatch.setattr(cleaner, "_read", read_then_race)
-    report = cleaner.clean()
-    assert (report.scanned, report.removed, report.kept) == (1, 0, 1)
-    assert other.release(taken[0])
+    def record_then_race(name: str, fence: int | None) -> None:
+        # The cleaner holds the file's exclusive flock: an acquirer opens the same inode now
+        # and blocks on its flock; once it gets it, the file is unlinked.
+        thread = threading.Thread(target=lambda: got.append(other.acquire("job")))
+        thread.start()
+        deadline = time.monotonic() + 5
+        while not waited and time.monotonic() < deadline:
+            time.sleep(0.005)
+        real_record(name, fence)
+        threads.append(thread)
+
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(other, "_wait_flock", wait_flock)
+    monkeypatch.setattr(cleaner, "_record_fence", record_then_race)
+    assert cleaner.clean() == CleanReport()
+    threads[0].join(10)
+    assert waited == [_file_name("job")]
+    lease = got[0]
+    assert lease is not None and lease.fence > first.fence
+    # The lease stands in the file under the name, not in the unlinked one.
+    assert on_disk(other, "job")["token"] == lease.token  # type: ignore[index]
+    assert cleaner.acquire("job") is None
 
 
-def test_clean_never_removes_an_unreadable_file_replaced_after_its_first_look(
+def test_clean_never_removes_a_foreign_entry_replaced_after_its_first_look(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = plant_raw(manager, "job", b"junk", age=10)
-    real_read = manager._read
-    calls: list[str] = []
+    path = lock_path(manager, "job")
+    path.symlink_to("/nonexistent")
+    set_age(path, 10)
+    real_lstat = manager._lstat_foreign
 
-    def read_then_replace(name: str) -> Any:
-        entry = real_read(name)
-        if not calls:
-            calls.append(name)
-            fresh = path.with_name("replacement")
-            fresh.write_bytes(b"other junk")  # another inode, also old
-            set_age(fresh, 10)
-            fresh.replace(path)
-        return entry
+    def lstat_then_replace(name: str, problem: str) -> Any:
+        found = real_lstat(name, problem)
+        fresh = path.with_name("replacement")
+        fresh.symlink_to("/elsewhere")  # another inode, also old
+        set_age(fresh, 10)
+        fresh.replace(path)
+        return found
 
-    monkeypatch.setattr(manager, "_read", read_then_replace)
+    monkeypatch.setattr(manager, "_lstat_foreign", lstat_then_replace)
     report = manager.clean()
     assert (report.removed, report.kept) == (0, 1)
-    assert path.read_bytes() == b"other junk"
+    assert os.readlink(path) == "/elsewhere"
 
 
 def test_clean_skips_a_lock_released_after_the_listing(
@@ -1022,24 +1060,15 @@ def test_clean_skips_a_lock_released_after_the_listing(
     assert manager.clean() == CleanReport()
 
 
-def test_clean_ignores_temp_files_that_vanish_under_it(
+def test_clean_ignores_lock_files_that_vanish_under_it(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    old_temp = _temp(manager, "x", "1.1", 120)
-    racing = _temp(manager, "y", "1.2", 120)
-    monkeypatch.setattr(manager, "_list", lambda: [old_temp.name, old_temp.name, racing.name])
-    real_lock_bucket = manager._lock_bucket
-    racing_bucket = racing.name[5:7]
-    assert racing_bucket != old_temp.name[5:7]
-
-    def lock_bucket_after_a_rival(bucket: str) -> Any:
-        if bucket == racing_bucket:
-            racing.unlink()  # another cleaner removed it while we waited for its guard
-        return real_lock_bucket(bucket)
-
-    monkeypatch.setattr(manager, "_lock_bucket", lock_bucket_after_a_rival)
+    lease = manager.acquire("job")
+    assert lease is not None and manager.release(lease)
+    name = _file_name("job")
+    monkeypatch.setattr(manager, "_list", lambda: [name, name, _file_name("never")])
     assert manager.clean() == CleanReport()
-    assert not old_temp.exists() and not racing.exists()
+    assert not lock_path(manager, "job").exists()
 
 
 def test_clean_counts_an_unlistable_directory_as_an_error(
@@ -1057,27 +1086,37 @@ def test_clean_counts_an_unlistable_directory_as_an_error(
 # ---------------------------------------------------------------- guards and failures
 
 
-def test_guard_held_too_long_is_a_bounded_backend_error(
+def test_lock_file_busy_too_long_is_a_bounded_backend_error(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(file_mod, "_GUARD_TIMEOUT", 0.2)
-    guard = manager.directory / (".guard." + _file_name("job")[:2])
-    fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o600)
+    lease = manager.acquire("job")
+    assert lease is not None
+    monkeypatch.setattr(file_mod, "_BUSY_TIMEOUT", 0.2)
+    path = lock_path(manager, "job")
+    fd = os.open(path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # another process stopped inside its critical section
-        started = time.monotonic()
-        with pytest.raises(LockBackendUnavailable) as info:
-            manager.acquire("job")
-        assert 0.15 < time.monotonic() - started < 2
-        assert str(guard) in str(info.value) and info.value.backend == "file"
+        for call in (
+            lambda: manager.acquire("job"),
+            lambda: manager.release(lease),
+            lambda: manager.extend(lease),
+            lambda: manager.break_lock("job"),
+            lambda: manager.inspect("job"),
+        ):
+            started = time.monotonic()
+            with pytest.raises(LockBackendUnavailable, match="stayed busy") as info:
+                call()
+            assert 0.15 < time.monotonic() - started < 2
+            assert str(path) in str(info.value) and info.value.backend == "file"
     finally:
         os.close(fd)
-    assert manager.acquire("job") is not None  # released: works again
+    assert manager.release(lease)  # released: works again
 
 
-def test_guard_waits_for_a_short_critical_section(manager: FileLockManager) -> None:
-    guard = manager.directory / (".guard." + _file_name("job")[:2])
-    fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o600)
+def test_lock_file_busy_for_a_short_critical_section_is_waited_for(
+    manager: FileLockManager,
+) -> None:
+    fd = os.open(lock_path(manager, "job"), os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
     timer = threading.Timer(0.05, os.close, (fd,))
     timer.start()
@@ -1087,42 +1126,35 @@ def test_guard_waits_for_a_short_critical_section(manager: FileLockManager) -> N
         timer.join(5)
 
 
-def test_busy_thread_lock_is_bounded_too(
-    manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    lease = manager.acquire("job")
-    assert lease is not None
-    monkeypatch.setattr(file_mod, "_GUARD_TIMEOUT", 0.05)
-    bucket_lock = manager._bucket_locks[_file_name("job")[:2]]
-    with bucket_lock:
-        for call in (
-            lambda: manager.acquire("job"),
-            lambda: manager.release(lease),
-            lambda: manager.extend(lease),
-            lambda: manager.break_lock("job"),
-        ):
-            with pytest.raises(LockBackendUnavailable, match="stayed busy"):
-                call()
-    assert manager.release(lease)
-
-
-def test_guard_that_is_not_a_regular_file_is_refused(manager: FileLockManager) -> None:
-    os.mkfifo(manager.directory / (".guard." + _file_name("job")[:2]), 0o600)
+def test_fences_file_that_is_not_a_regular_file_is_refused(manager: FileLockManager) -> None:
+    os.mkfifo(manager.directory / ".fences", 0o600)
     with pytest.raises(LockBackendUnavailable, match="not a regular file"):
-        manager.acquire("job")
+        manager.acquire("job")  # a new file: its fence starts from .fences
+    assert not manager.is_locked("job")
 
 
-def _fail_writes(monkeypatch: pytest.MonkeyPatch, *, short: bool) -> None:
-    real_write = os.write
+def test_guard_file_that_is_not_a_regular_file_is_refused(manager: FileLockManager) -> None:
+    path = lock_path(manager, "job")
+    path.symlink_to("/nonexistent")
+    set_age(path, 10)
+    os.mkfifo(manager.directory / ".guard", 0o600)
+    with pytest.raises(LockBackendUnavailable, match="not a regular file"):
+        manager.acquire("job")  # removing a foreign entry takes the guard
+    assert path.is_symlink()
 
-    def write(fd: int, data: bytes) -> int:
-        if data.startswith(b'{"v":1'):
+
+def _fail_writes(monkeypatch: pytest.MonkeyPatch, *, short: bool, allowed: set[bytes]) -> None:
+    """Make writes of holder records fail (or come out short), except those in ``allowed``."""
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if b'"token"' in data and data not in allowed:
             if short:
-                return real_write(fd, data[:10])
+                return real_pwrite(fd, data[:10], offset)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
+        return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "pwrite", pwrite)
 
 
 @pytest.mark.parametrize("short", [False, True], ids=["ENOSPC", "short write"])
@@ -1131,19 +1163,20 @@ def test_write_failure_is_a_backend_error_and_leaves_nothing_behind(
 ) -> None:
     lease = manager.acquire("held", ttl=30)
     assert lease is not None
-    before = {p.name for p in manager.directory.iterdir()}
-    _fail_writes(monkeypatch, short=short)
+    record = lock_path(manager, "held").read_bytes()
+    _fail_writes(monkeypatch, short=short, allowed={record})
     with pytest.raises(LockBackendUnavailable) as info:
         manager.acquire("job")
     assert isinstance(info.value.__cause__, OSError)
     assert str(manager.directory) in str(info.value) and "'job'" in str(info.value)
     with pytest.raises(LockBackendUnavailable):
         manager.extend(lease)
-    assert {p.name for p in manager.directory.iterdir()} - before <= {
-        ".guard." + _file_name("job")[:2]
-    }
     monkeypatch.undo()
+    # The failed writes were undone: "job" is free, "held" still holds its record.
+    assert on_disk(manager, "job") is None
+    assert lock_path(manager, "held").read_bytes() == record
     assert manager.release(lease)
+    assert manager.acquire("job") is not None
 
 
 def test_io_errors_of_every_operation_are_backend_errors(
@@ -1152,10 +1185,10 @@ def test_io_errors_of_every_operation_are_backend_errors(
     lease = manager.acquire("job")
     assert lease is not None
 
-    def broken(name: str) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(manager, "_read", broken)
+    monkeypatch.setattr(manager, "_open_locked", broken)
     for call in (
         lambda: manager.acquire("job"),
         lambda: manager.release(lease),
@@ -1168,14 +1201,6 @@ def test_io_errors_of_every_operation_are_backend_errors(
     assert manager.clean().errors == 1
 
 
-def test_leftover_temp_with_our_name_is_replaced(manager: FileLockManager) -> None:
-    manager._tmpfile = False  # the named-temp path (file systems without O_TMPFILE)
-    leftover = manager.directory / f".tmp.{_file_name('job')}.{os.getpid()}"
-    leftover.write_text("from a crashed process that had our pid")
-    assert manager.acquire("job") is not None
-    assert not leftover.exists()
-
-
 def test_lock_created_outside_the_protocol_wins_the_link(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1185,32 +1210,200 @@ def test_lock_created_outside_the_protocol_wins_the_link(
     assert [p for p in manager.directory.iterdir() if p.name.startswith(".tmp.")] == []
 
 
-def test_unnamed_temp_is_used_and_falls_back_when_unsupported(
+# ------------------------------------------------------------------ records, caches, foreign entries
+
+
+@pytest.mark.parametrize(
+    ("content", "free"),
+    [
+        (b'{"fence": 2305843009213693952}', True),  # a free record written by other code
+        (b'{"v":1,"fence":2305843009213693952}' + b" " * 50, True),
+        (b'{"v":1,"fence":12x}', False),
+        (b'{"fence": -1}', False),
+        (b'{"fence": "7"}', False),
+    ],
+    ids=["spaced free", "padded free", "bad digits", "negative", "string fence"],
+)
+def test_free_records_are_read_strictly(
+    manager: FileLockManager, content: bytes, free: bool
+) -> None:
+    plant_raw(manager, "job", content, age=10)
+    assert not manager.is_locked("job")  # free, or unreadable for longer than the grace
+    lease = manager.acquire("job")
+    assert lease is not None
+    if free:
+        assert lease.fence == (1 << 61) + 1  # went on from the stored fence
+    else:
+        assert lease.fence < 1 << 61  # unreadable: the fence starts from the clock
+
+
+def test_release_works_for_leases_the_manager_no_longer_remembers(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    created: list[str] = []
-    real_open = os.open
+    monkeypatch.setattr(file_mod, "_HELD_CACHE", 2)
+    monkeypatch.setattr(file_mod, "_NAME_CACHE", 2)
+    leases = [manager.acquire(f"job{i}") for i in range(5)]
+    assert len(manager._held) <= 2 and len(manager._names) <= 2
+    other = FileLockManager(manager.directory)  # remembers nothing at all
+    assert other.release(leases[0])  # type: ignore[arg-type]
+    for lease in leases[1:]:
+        assert lease is not None and manager.release(lease)
+    assert all(on_disk(manager, f"job{i}") is None for i in range(5))
 
-    def spy(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
-        created.append("unnamed" if flags & os.O_TMPFILE == os.O_TMPFILE else str(path))
-        return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "open", spy)
+def test_release_and_extend_of_a_lock_replaced_by_a_foreign_entry(
+    manager: FileLockManager,
+) -> None:
     lease = manager.acquire("job")
     assert lease is not None
-    assert "unnamed" in created
-    assert manager.inspect("job").fence == lease.fence  # type: ignore[union-attr]
-    assert manager.acquire("job") is None  # link() refuses an existing name
-    assert manager.release(lease)
-
-    def no_tmpfile(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if flags & os.O_TMPFILE == os.O_TMPFILE:
-            raise OSError(errno.EOPNOTSUPP, "not supported")
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", no_tmpfile)
+    path = lock_path(manager, "job")
+    path.unlink()
+    assert manager.extend(lease) is None
+    assert manager.release(lease) is False
     lease = manager.acquire("job")
     assert lease is not None
-    assert manager._tmpfile is False  # remembered: no second try per acquire
-    assert manager.release(lease)
-    assert [p.name for p in manager.directory.iterdir() if p.name.startswith(".tmp.")] == []
+    path.unlink()
+    path.symlink_to("/etc/passwd")
+    assert manager.extend(lease) is None
+    assert manager.release(lease) is False
+    assert os.readlink(path) == "/etc/passwd"  # never followed, never written through
+
+
+def test_break_lock_of_foreign_entries(manager: FileLockManager) -> None:
+    path = lock_path(manager, "job")
+    path.symlink_to("/nonexistent")
+    assert manager.break_lock("job", task_id="t") is False  # no task id to match
+    assert manager.break_lock("job", only_if_dead=True) is False  # no death to prove
+    assert manager.break_lock("job") is True  # fresh, unconditional: removed
+    assert not path.is_symlink()
+    path.symlink_to("/nonexistent")
+    set_age(path, 10)
+    assert manager.break_lock("job") is False  # stale: no lock any more, the cleaner's job
+    path.unlink()
+    path.mkdir()
+    assert manager.break_lock("job") is False  # a directory is never removed
+    assert path.is_dir()
+
+
+def test_acquire_replaces_stale_foreign_entries_and_logs_it(
+    manager: FileLockManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = lock_path(manager, "job")
+    path.symlink_to("/etc/passwd")
+    set_age(path, 10)
+    with caplog.at_level(logging.INFO, logger="celery_lock.file"):
+        lease = manager.acquire("job")
+    assert lease is not None and not path.is_symlink()
+    assert on_disk(manager, "job")["token"] == lease.token  # type: ignore[index]
+    assert any("broke stale lock job (unreadable" in r.getMessage() for r in caplog.records)
+    assert Path("/etc/passwd").read_bytes()[:1] != b"{"
+
+
+def test_foreign_entry_removed_by_somebody_else_meanwhile(
+    manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = lock_path(manager, "job")
+    path.symlink_to("/nonexistent")
+    set_age(path, 10)
+    real_lstat = manager._lstat_foreign
+
+    def lstat_then_vanish(name: str, problem: str) -> Any:
+        found = real_lstat(name, problem)
+        path.unlink(missing_ok=True)  # another process removed it before our guarded check
+        return found
+
+    monkeypatch.setattr(manager, "_lstat_foreign", lstat_then_vanish)
+    assert manager.acquire("job") is not None
+
+
+def test_something_that_keeps_reappearing_is_a_bounded_backend_error(
+    manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = os.stat(manager.directory)
+    monkeypatch.setattr(manager, "_open_locked", lambda *a: file_mod._Foreign(st, "a FIFO"))
+    monkeypatch.setattr(manager, "_remove_foreign", lambda *a: True)
+    with pytest.raises(LockBackendUnavailable, match="keeps reappearing"):
+        manager.acquire("job")
+
+
+def test_clean_removes_stale_foreign_entries(
+    manager: FileLockManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    lock_path(manager, "link").symlink_to("/nonexistent")
+    os.mkfifo(lock_path(manager, "fifo"), 0o600)
+    lock_path(manager, "fresh").symlink_to("/nonexistent")
+    for key in ("link", "fifo"):
+        set_age(lock_path(manager, key), 10)
+    assert manager.clean(dry_run=True) == CleanReport(scanned=3, removed=2, kept=1)
+    assert lock_path(manager, "fifo").exists()
+    with caplog.at_level(logging.INFO, logger="celery_lock.file"):
+        assert manager.clean() == CleanReport(scanned=3, removed=2, kept=1)
+    assert sum("removed stale lock file" in r.getMessage() for r in caplog.records) == 2
+    assert {p.name for p in manager.directory.iterdir() if LOCK_NAME.match(p.name)} == {
+        _file_name("fresh")
+    }
+
+
+def test_lock_directory_removed_under_the_manager_is_a_backend_error(
+    lock_dir: Path,
+) -> None:
+    manager = FileLockManager(lock_dir)
+    os.rmdir(lock_dir)
+    with pytest.raises(LockBackendUnavailable, match=str(lock_dir)):
+        manager.acquire("job")
+
+
+def test_unexpected_open_errors_are_backend_errors(
+    manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_descriptors(*args: Any, **kwargs: Any) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "open", out_of_descriptors)
+    with pytest.raises(LockBackendUnavailable, match="Too many open files"):
+        manager.acquire("job")
+
+
+@pytest.mark.parametrize("aux", [".fences", ".guard"])
+def test_short_waits_on_the_auxiliary_files(manager: FileLockManager, aux: str) -> None:
+    if aux == ".guard":  # the guard is taken to remove a stale foreign entry
+        lock_path(manager, "job").symlink_to("/nonexistent")
+        set_age(lock_path(manager, "job"), 10)
+    else:  # .fences is read for a new file and written by the cleaner
+        lease = manager.acquire("other")
+        assert lease is not None and manager.release(lease)
+    fd = os.open(manager.directory / aux, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    timer = threading.Timer(0.05, os.close, (fd,))
+    timer.start()
+    try:
+        lease = manager.acquire("job")
+        assert lease is not None and manager.release(lease)
+    finally:
+        timer.join(5)
+    if aux == ".fences":
+        fd = os.open(manager.directory / aux, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        timer = threading.Timer(0.05, os.close, (fd,))
+        timer.start()
+        try:
+            assert manager.clean() == CleanReport()  # records the fences of "job", "other"
+        finally:
+            timer.join(5)
+
+
+def test_the_cleaner_never_lowers_a_kept_fence(manager: FileLockManager) -> None:
+    lease = manager.acquire("job")
+    assert lease is not None and manager.release(lease)
+    high = 1 << 61
+    (manager.directory / ".fences").write_bytes(high.to_bytes(8, "big") * 256)
+    assert manager.clean() == CleanReport()  # removes "job", whose fence is lower
+    assert (manager.directory / ".fences").read_bytes() == high.to_bytes(8, "big") * 256
+    again = manager.acquire("job")
+    assert again is not None and again.fence == high + 1
+
+
+def test_break_lock_of_a_released_key_finds_nothing(manager: FileLockManager) -> None:
+    lease = manager.acquire("job")
+    assert lease is not None and manager.release(lease)
+    assert manager.break_lock("job") is False

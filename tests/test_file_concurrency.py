@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import select
@@ -12,7 +11,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ import pytest
 
 from celery_lock._types import Lease
 from celery_lock.backends.file import FileLockManager, _file_name
-from celery_lock.errors import LockBackendUnavailable
 from tests._contention import ContentionResult, run_contention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,36 +74,12 @@ def read_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
     return proc.stdout.readline()
 
 
-def same_bucket_key(key: str) -> str:
-    bucket = _file_name(key)[:2]
-    for i in range(100_000):
-        candidate = f"{key}-{i}"
-        if _file_name(candidate)[:2] == bucket:
-            return candidate
-    raise AssertionError("no key found in the same bucket")
-
-
-def fork_and_wait(child: Callable[[], int]) -> int:
-    """Run ``child()`` in a forked child; return its exit code (0 = the child's checks held)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads around
-        pid = os.fork()
-    if pid == 0:
-        code = 3
-        try:
-            code = child()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
 # ------------------------------------------------------------------------------- threads
 
 
 def test_threads_never_overlap_and_fences_increase(lock_dir: Path) -> None:
-    # Two managers on one directory, four threads each: in-process exclusion comes from the
-    # bucket's thread lock within a manager and from flock between the managers.
+    # Two managers on one directory, four threads each: every operation opens a descriptor of
+    # its own, so flock excludes threads of one manager as it excludes the two managers.
     managers = [FileLockManager(lock_dir), FileLockManager(lock_dir)]
     occupant: list[int | None] = [None]
     overlaps: list[int] = []
@@ -147,8 +121,8 @@ def test_threads_never_overlap_and_fences_increase(lock_dir: Path) -> None:
 
 @pytest.mark.parametrize("managers", [1, 2], ids=["one manager", "two managers"])
 def test_racing_threads_break_a_stale_lock_only_once(lock_dir: Path, managers: int) -> None:
-    # link() alone keeps fresh acquisitions exclusive; breaking a stale lock (rename over it)
-    # relies on the guard: with one manager on the thread lock, with two on flock.
+    # Every decision, fresh or over a stale lock, is made under the file's exclusive flock;
+    # threads of one manager open descriptors of their own, so flock excludes them too.
     pool = [FileLockManager(lock_dir) for _ in range(managers)]
     path = lock_dir / _file_name("job")
     for round_ in range(30):
@@ -175,46 +149,44 @@ def test_racing_threads_break_a_stale_lock_only_once(lock_dir: Path, managers: i
 # ---------------------------------------------------------------------------------- fork
 
 
-def test_forked_child_reopens_guards(lock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_child_forked_inside_a_lock_operation_does_not_keep_the_file_busy(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The child shares the parent's open file description, flocked at the moment of the fork;
+    # a close() alone would leave the flock to the child for as long as it lives.
     manager = FileLockManager(lock_dir)
-    lease = manager.acquire("k")
-    assert lease is not None  # the guard fd of this bucket is now open and cached
-    bucket = _file_name("k")[:2]
-    guard_fd = manager._fds.guards[bucket]
-    monkeypatch.setattr("celery_lock.backends.file._GUARD_TIMEOUT", 0.3)
-    other_key = same_bucket_key("k")
+    real_write = manager._write
+    children: list[int] = []
 
-    def child() -> int:
-        # Sharing the parent's open file description would make this flock "succeed" while
-        # the parent holds it; a reopened guard must wait and give up.
-        try:
-            manager.acquire(other_key)
-        except LockBackendUnavailable:
-            return 0
-        return 1
+    def write_then_fork(*args: Any) -> bytes:
+        written = real_write(*args)
+        if not children:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child only keeps the descriptor a while
+                time.sleep(5)
+                os._exit(0)
+            children.append(pid)
+        return written
 
-    fcntl.flock(guard_fd, fcntl.LOCK_EX)  # the parent is inside a critical section
+    monkeypatch.setattr(manager, "_write", write_then_fork)
+    monkeypatch.setattr("celery_lock.backends.file._BUSY_TIMEOUT", 1.0)
     try:
-        assert fork_and_wait(child) == 0
-    finally:
-        fcntl.flock(guard_fd, fcntl.LOCK_UN)
-    assert manager.release(lease)
-
-
-def test_forked_child_gets_fresh_thread_locks(lock_dir: Path) -> None:
-    manager = FileLockManager(lock_dir)
-    bucket_lock = manager._bucket_locks[_file_name("k")[:2]]
-
-    def child() -> int:
-        # The parent's thread held the bucket lock at fork time; it does not exist here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads around
+            lease = manager.acquire("k")
+        assert lease is not None and children
+        monkeypatch.setattr(manager, "_write", real_write)
+        other = FileLockManager(lock_dir)
         started = time.monotonic()
-        lease = manager.acquire("k")
-        ok = lease is not None and manager.release(lease) and time.monotonic() - started < 1
-        return 0 if ok else 1
-
-    with bucket_lock:
-        assert fork_and_wait(child) == 0
-    assert manager.acquire("k") is not None
+        assert other.acquire("k") is None  # held, and said so without waiting for the child
+        assert manager.release(lease)
+        again = other.acquire("k")
+        assert again is not None and other.release(again)
+        assert time.monotonic() - started < 0.5
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 # ------------------------------------------------------------------------------ processes

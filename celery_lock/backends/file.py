@@ -30,22 +30,33 @@ __all__ = ["FileLockManager"]
 #: Hex characters of sha256(key) in a lock file name (160 bits: collisions are not a concern).
 _NAME_HEX: Final = 40
 _LOCK_NAME: Final = re.compile(r"[0-9a-f]{40}\.lock\Z")
-_TMP_NAME: Final = re.compile(r"\.tmp\.([0-9a-f]{2})[0-9a-f]{38}\.lock\.")
-_TMP_PREFIX: Final = ".tmp."
-_GUARD_PREFIX: Final = ".guard."
+#: 256 slots of 8 bytes (one per first byte of a lock file name): the highest fence of every lock
+#: file the cleaner removed, so a re-created file continues its key's fences.
+_FENCES: Final = ".fences"
+#: Serialises the removal of entries that are not lock files (symlinks, FIFOs, unreadable files).
+_GUARD: Final = ".guard"
 #: Reads are capped (a planted multi-GB file must not be slurped); what we write always fits.
 _MAX_BYTES: Final = 64 * 1024
 #: Metadata longer than this is rewritten with the free-text fields cut to _FIELD_CAP characters.
 _META_LIMIT: Final = 48 * 1024
 _FIELD_CAP: Final = 1024
+#: A record shorter than the file by at most this many bytes is padded with spaces (one write);
+#: beyond it the file is truncated after the write.
+_PAD_LIMIT: Final = 4096
 #: Unreadable, corrupt or foreign entries count as held this long after their last change
 #: (filelock's grace, tox-dev/filelock#532, #551): long enough for any writer we do not know of.
 _CORRUPT_GRACE: Final = 2.0
-#: Temp files older than this are leftovers of a crashed writer (a live one needs microseconds).
-_TMP_MAX_AGE: Final = 60.0
-#: Longest wait for a bucket guard: a process SIGSTOPped inside the few-µs critical section must
-#: not wedge everybody for ever. Not Final: tests shorten it.
-_GUARD_TIMEOUT = 5.0
+#: Longest wait for a lock file's flock: a process SIGSTOPped inside the few-µs critical section
+#: must not wedge everybody for ever. Not Final: tests shorten it.
+_BUSY_TIMEOUT = 5.0
+#: Attempts to open a name whose file a cleaner keeps removing between our open and our flock.
+_REOPEN_TRIES: Final = 100
+#: Leases whose written record a manager remembers (release compares bytes instead of parsing).
+_HELD_CACHE: Final = 4096
+#: File names a manager caches, for keys of up to _NAME_CACHE_KEY characters (longer ones are
+#: hashed on every call: the cache must not hold megabytes of keys).
+_NAME_CACHE: Final = 4096
+_NAME_CACHE_KEY: Final = 256
 #: A stored fence at or above this cannot come from the µs clock for 140,000 years: it is garbage.
 _FENCE_LIMIT: Final = 1 << 62
 #: Directory on these file systems: flock does not exclude across client caches and
@@ -83,10 +94,11 @@ _OPEN_DIR: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted under a lock name must not block (tox-dev/filelock#549);
 # O_NOFOLLOW: a planted symlink is never followed (tox-dev/filelock#461, #548).
 _OPEN_READ: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_OPEN_TEMP: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_OPEN_UNNAMED: Final = getattr(os, "O_TMPFILE", 0) | os.O_WRONLY | os.O_CLOEXEC
-_OPEN_GUARD: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_LOCK_NB: Final = fcntl.LOCK_EX | fcntl.LOCK_NB
+_OPEN_WRITE: Final = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_OPEN_CREATE: Final = _OPEN_WRITE | os.O_CREAT
+_BOOTTIME: Final = _time.CLOCK_BOOTTIME
+#: How a free lock file (released, broken, or cleaned of a stale holder) starts.
+_FREE_HEAD: Final = b'{"v":1,"fence":'
 
 #: json.loads minus its encoding detection (we always write UTF-8, in fact ASCII).
 _decode = json.JSONDecoder().decode
@@ -119,16 +131,26 @@ def _opt(meta: dict[str, Any], name: str, kind: type) -> Any:
     return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
-def _parse(data: bytes) -> dict[str, Any] | None:
-    """The metadata in ``data``, or None when it is not a lock file we could have written."""
+def _parse(data: bytes) -> dict[str, Any] | int | None:
+    """What a lock file holds: a holder's metadata (dict), a free file's last fence (int), or
+    None when ``data`` is nothing we could have written."""
+    if data.startswith(_FREE_HEAD):  # the common free record, without the JSON decoder
+        end = data.find(b"}", 15)
+        digits = data[15:end]
+        if end > 15 and digits.isdigit() and not data[end + 1 :].strip():
+            return int(digits)
     try:
         meta = _decode(data.decode("utf-8"))
     except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeper than the stack
         return None
+    if not isinstance(meta, dict):
+        return None
+    if "token" not in meta:
+        fence = meta.get("fence")
+        return fence if type(fence) is int and fence >= 0 else None
     if (
-        not isinstance(meta, dict)
-        or not isinstance(meta.get("key"), str)
-        or not isinstance(meta.get("token"), str)
+        not isinstance(meta.get("key"), str)
+        or not isinstance(meta["token"], str)
         or not meta["token"]
         or type(meta.get("fence")) is not int
         or not _is_time(meta.get("expires"))
@@ -136,6 +158,24 @@ def _parse(data: bytes) -> dict[str, Any] | None:
     ):
         return None
     return meta
+
+
+def _free_record(fence: int) -> bytes:
+    return b'{"v":1,"fence":%d}' % fence
+
+
+def _unlock_close(fd: int) -> None:
+    # Unlock explicitly: a child forked meanwhile shares the open file description, and its copy
+    # would keep the flock alive after our close.
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _remaining(meta: dict[str, Any], now: float, now_bt: float) -> float:
@@ -253,85 +293,51 @@ def _open_directory(path: str) -> int:
     return fd
 
 
-class _Fds:
-    """The descriptors of one manager, closed by a finalizer (so it must not refer to it)."""
+class _Foreign(NamedTuple):
+    """Something under a lock name that is not a lock file we can open (symlink, FIFO, socket,
+    directory, unreadable file): its ``lstat`` and the problem."""
 
-    __slots__ = ("dir_fd", "guards")
-
-    def __init__(self, dir_fd: int) -> None:
-        self.dir_fd = dir_fd
-        self.guards: dict[str, int] = {}
-
-    def close_guards(self) -> None:
-        for fd in self.guards.values():
-            with contextlib.suppress(OSError):  # gone either way
-                os.close(fd)
-        self.guards.clear()
-
-    def close(self) -> None:
-        self.close_guards()
-        with contextlib.suppress(OSError):
-            os.close(self.dir_fd)
+    st: os.stat_result
+    problem: str
 
 
 class _Entry(NamedTuple):
-    """What was found under a lock name: parsed metadata, or None with the ``problem``."""
+    """What a lock file holds: ``meta`` of a holder, or the ``fence`` of a free file, or (both
+    None) a ``problem``."""
 
+    name: str
     meta: dict[str, Any] | None
-    ino: int
-    mtime_ns: int
+    fence: int | None
+    st: os.stat_result
     problem: str | None
-
-
-def _same(first: _Entry, second: _Entry) -> bool:
-    """True when two reads of one name saw the same lock."""
-    if first.meta is not None and second.meta is not None:
-        return bool(first.meta["token"] == second.meta["token"])
-    return (first.meta, first.ino, first.mtime_ns) == (second.meta, second.ino, second.mtime_ns)
-
-
-class _Guard:
-    """Holds one bucket guard for a ``with`` block: the in-process lock, then the flock."""
-
-    __slots__ = ("_bucket", "_fd", "_lock", "_manager")
-
-    def __init__(self, manager: FileLockManager, bucket: str) -> None:
-        self._manager = manager
-        self._bucket = bucket
-
-    def __enter__(self) -> int:
-        self._lock, self._fd = self._manager._lock_bucket(self._bucket)
-        return self._fd
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._lock.release()
 
 
 class FileLockManager(LockManager):
     """Lock files in a private local directory: excludes processes **on one host** only.
 
-    One file per key, named ``sha256(key)[:40].lock`` (the raw key never reaches a path) and
-    holding the holder metadata as one JSON object. Every file is written to a private temp file
-    and published with ``link`` (create if absent) or ``rename`` (replace a stale lock), so a
-    reader sees a whole lock or none. Every change of an existing lock file (break, extend,
-    release, clean) and every fence update happens under the key's *bucket guard*: a
-    ``threading.Lock`` (flock does not exclude threads sharing one open file description) plus an
-    exclusive ``flock`` on ``.guard.<2 hex>`` (256 buckets, never deleted; they also keep the last
-    fence of their bucket, so fences survive the lock file's deletion).
+    One file per key, named ``sha256(key)[:40].lock`` (the raw key never reaches a path). A file
+    holds one JSON record: a holder's metadata (token, fence, expiry, host, pid, task), or, once
+    released, only the key's last fence. Files stay after release (a held key costs no directory
+    change); :meth:`clean` removes free and stale ones.
+
+    Every read and change of a lock file happens under ``flock`` on that file (shared to read,
+    exclusive to change) and a change is one ``pwrite`` of the whole record, so nobody sees half a
+    record. The flock is held for microseconds, never for the lease: a holder does not keep a
+    descriptor open, and a holder that died is found by its metadata. A remover holds the
+    exclusive flock while it unlinks; whoever opened the old file sees a link count of 0 after
+    its own flock and opens the name again.
 
     A lock is stale when its lease expired (CLOCK_BOOTTIME when written on this host and boot,
     else the wall clock), when its holder is provably dead (same host, boot and pid namespace;
     pid gone, recycled or a zombie: a SIGKILLed worker's lock is free at once), or when it is
-    unreadable and unchanged for 2 s. Stale locks are replaced by the next acquirer or removed by
-    :meth:`clean`.
+    unreadable and unchanged for 2 s. The next acquirer overwrites a stale record; the fence goes
+    on from the old record's (or from ``.fences``, where the cleaner keeps the fences of the
+    files it removes), and never below the wall clock in µs.
 
     Linux only (procfs for proof of death and mount detection, ``flock``, ``CLOCK_BOOTTIME``).
     The directory should be on a local file system; a network one gets a WARNING, since neither
-    flock nor proof of death works across hosts. Each manager keeps one descriptor for the
-    directory and up to 256 for guards (opened as buckets are used).
+    flock nor proof of death works across hosts. Each manager keeps one descriptor, for the
+    directory; every operation opens and closes its own.
 
     :param directory: the lock folder itself; None means ``celery_lock-<euid>`` under
         :func:`tempfile.gettempdir` (``TMPDIR`` is honoured). Created ``0700`` when missing; an
@@ -351,14 +357,13 @@ class FileLockManager(LockManager):
         if directory is None:
             directory = os.path.join(tempfile.gettempdir(), f"celery_lock-{os.geteuid()}")
         self._path = os.path.abspath(os.fspath(directory))
-        self._fds = _Fds(_open_directory(self._path))
-        weakref.finalize(self, self._fds.close)
-        self._dir_fd = self._fds.dir_fd
-        self._pid = os.getpid()
-        self._bucket_locks = {f"{i:02x}": threading.Lock() for i in range(256)}
+        self._dir_fd = _open_directory(self._path)
+        weakref.finalize(self, _close_quietly, self._dir_fd)
+        #: key -> file name, for keys up to _NAME_CACHE_KEY characters (bounded).
+        self._names: dict[str, str] = {}
+        #: token -> (record bytes as written, CLOCK_BOOTTIME expiry, fence), bounded.
+        self._held: dict[str, tuple[bytes, float, int]] = {}
         self._warned_corrupt: set[tuple[str, int, int]] = set()
-        #: Whether O_TMPFILE works in this directory (ext4, xfs, btrfs, tmpfs do; some do not).
-        self._tmpfile = hasattr(os, "O_TMPFILE")
         self._warn_if_network()
 
     @property
@@ -374,57 +379,94 @@ class FileLockManager(LockManager):
     def _try_acquire(
         self, key: str, ttl: float, token: str, task_id: str | None, task_name: str | None
     ) -> Lease | None:
-        name = _file_name(key)
+        name = self._names.get(key) or self._name(key)
         try:
-            with _Guard(self, name[:2]) as guard_fd:
-                return self._acquire_guarded(key, name, guard_fd, ttl, token, task_id, task_name)
+            for _ in range(_REOPEN_TRIES):
+                opened = self._open_locked(name, _OPEN_CREATE, fcntl.LOCK_EX)
+                if isinstance(opened, _Foreign):
+                    if not self._remove_foreign(name, opened, key):
+                        return None
+                    continue
+                assert opened is not None  # O_CREAT: never None
+                fd, st = opened
+                try:
+                    return self._acquire_locked(fd, st, name, key, ttl, token, task_id, task_name)
+                finally:
+                    _unlock_close(fd)
+            raise OSError(  # noqa: TRY301 - mapped to LockBackendUnavailable just below
+                errno.EAGAIN, "something keeps reappearing under the lock name", name
+            )
         except LockError:
             raise
         except OSError as exc:
             raise self._unavailable(exc, key) from exc
 
     def _release(self, lease: Lease) -> bool:
-        name = _file_name(lease.key)
+        cached = self._held.pop(lease.token, None)
+        key = lease.key
         try:
-            with _Guard(self, name[:2]):
-                entry = self._read(name)
-                if entry is None or entry.meta is None or entry.meta["token"] != lease.token:
-                    return False
-                alive = (
-                    _remaining(entry.meta, _time.time(), _time.clock_gettime(_time.CLOCK_BOOTTIME))
-                    > 0
-                )
-                # Our own file goes even when it expired (nobody took it over, or the token
-                # would differ); only a lease that was still valid reports success.
-                os.unlink(name, dir_fd=self._dir_fd)
+            opened = self._open_locked(self._names.get(key) or self._name(key), _OPEN_WRITE)
+            if opened is None or isinstance(opened, _Foreign):
+                return False  # no lock file (or not one we could have written): not ours
+            fd, st = opened
+            try:
+                size = st.st_size
+                data = os.pread(fd, size, 0) if 0 < size <= _MAX_BYTES else b""
+                if cached is not None and data == cached[0]:
+                    # Exactly the bytes we wrote: still ours, unchanged (the common case).
+                    alive = cached[1] > _time.clock_gettime(_BOOTTIME)
+                    fence = cached[2]
+                else:
+                    meta = _parse(data)
+                    if type(meta) is not dict or meta["token"] != lease.token:
+                        return False
+                    now = _time.time()
+                    alive = _remaining(meta, now, _time.clock_gettime(_BOOTTIME)) > 0
+                    fence = meta["fence"]
+                # Our record goes even when it expired (nobody took it over, or the token would
+                # differ); only a lease that was still valid reports success.
+                self._write(fd, _free_record(fence), data, size)
                 return alive
+            finally:
+                _unlock_close(fd)
         except LockError:
             raise
         except OSError as exc:
-            raise self._unavailable(exc, lease.key) from exc
+            raise self._unavailable(exc, key) from exc
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
-        name = _file_name(lease.key)
+        key = lease.key
         try:
-            with _Guard(self, name[:2]):
-                entry = self._read(name)
-                if entry is None or entry.meta is None or entry.meta["token"] != lease.token:
+            opened = self._open_locked(self._name(key), _OPEN_WRITE)
+            if opened is None or isinstance(opened, _Foreign):
+                return None
+            fd, st = opened
+            try:
+                size = st.st_size
+                data = os.pread(fd, size, 0) if 0 < size <= _MAX_BYTES else b""
+                meta = _parse(data)
+                if type(meta) is not dict or meta["token"] != lease.token:
                     return None
                 now = _time.time()
-                now_bt = _time.clock_gettime(_time.CLOCK_BOOTTIME)
-                if _remaining(entry.meta, now, now_bt) <= 0:
+                now_bt = _time.clock_gettime(_BOOTTIME)
+                if _remaining(meta, now, now_bt) <= 0:
                     return None
-                meta = dict(entry.meta, ttl=ttl, expires=now + ttl, bt_expires=now_bt + ttl)
-                self._publish(name, json.dumps(meta, separators=(",", ":")).encode(), replace=True)
+                meta.update(ttl=ttl, expires=now + ttl, bt_expires=now_bt + ttl)
+                content = json.dumps(meta, separators=(",", ":")).encode()
+                self._remember(
+                    lease.token, self._write(fd, content, data, size), now_bt + ttl, meta["fence"]
+                )
+            finally:
+                _unlock_close(fd)
         except LockError:
             raise
         except OSError as exc:
-            raise self._unavailable(exc, lease.key) from exc
+            raise self._unavailable(exc, key) from exc
         return dataclasses.replace(lease, ttl=ttl, expires_at=now + ttl)
 
     def _inspect(self, key: str) -> LockInfo | None:
         try:
-            entry = self._read(_file_name(key))
+            entry = self._read(self._name(key))
         except OSError as exc:
             raise self._unavailable(exc, key) from exc
         if entry is None or self._stale_reason(entry) is not None:
@@ -441,37 +483,52 @@ class FileLockManager(LockManager):
                 continue
             try:
                 entry = self._read(name)
-            except OSError:
-                continue  # vanished or unreadable right now: not a lock we can describe
+            except (OSError, LockError):
+                continue  # vanished, unreadable or busy right now: not a lock we can describe
             if entry is None or entry.meta is None or self._stale_reason(entry) is not None:
                 continue
             yield self._info(entry, entry.meta["key"])
 
     def _break(self, key: str, *, task_id: str | None, only_if_dead: bool) -> bool:
-        name = _file_name(key)
+        name = self._name(key)
         try:
-            with _Guard(self, name[:2]):
-                # Read and delete under the guard: the token judged is the token deleted.
-                entry = self._read(name)
-                if entry is None:
+            opened = self._open_locked(name, _OPEN_WRITE)
+            if opened is None:
+                return False
+            if isinstance(opened, _Foreign):
+                # Not a lock file: no task id to match, no death to prove; a stale one is the
+                # cleaner's job. Only an unconditional break takes a fresh one away.
+                if task_id is not None or only_if_dead or self._foreign_is_stale(opened):
                     return False
-                meta = entry.meta
-                if meta is None:
-                    # A fresh unreadable file (a stale one is no lock: the cleaner's job) can
-                    # match no task id and proves no death; only an unconditional break takes it.
-                    if task_id is not None or only_if_dead or self._stale_reason(entry):
-                        return False
-                    reason = "broken on request (unreadable)"
-                else:
-                    now = _time.time()
-                    if _remaining(meta, now, _time.clock_gettime(_time.CLOCK_BOOTTIME)) <= 0:
-                        return False  # expired: no lock to break (as on Redis)
-                    if task_id is not None and meta.get("task_id") != task_id:
-                        return False
-                    if only_if_dead and not _identity.holder_is_dead(meta):
-                        return False
-                    reason = "holder process is gone" if only_if_dead else "broken on request"
-                os.unlink(name, dir_fd=self._dir_fd)
+                if not self._unlink_foreign(name, opened):
+                    return False
+                meta = None
+                reason = "broken on request (unreadable)"
+            else:
+                fd, st = opened
+                try:
+                    entry = self._entry(fd, st, name)
+                    meta = entry.meta
+                    if meta is None:
+                        if entry.problem is None:
+                            return False  # free: nothing to break
+                        if task_id is not None or only_if_dead or self._stale_reason(entry):
+                            return False
+                        fence = self._last_fence(name)
+                        reason = "broken on request (unreadable)"
+                    else:
+                        now = _time.time()
+                        if _remaining(meta, now, _time.clock_gettime(_BOOTTIME)) <= 0:
+                            return False  # expired: no lock to break (as on Redis)
+                        if task_id is not None and meta.get("task_id") != task_id:
+                            return False
+                        if only_if_dead and not _identity.holder_is_dead(meta):
+                            return False
+                        fence = meta["fence"]
+                        reason = "holder process is gone" if only_if_dead else "broken on request"
+                    self._write(fd, _free_record(fence), b"", st.st_size)
+                finally:
+                    _unlock_close(fd)
         except LockError:
             raise
         except OSError as exc:
@@ -485,12 +542,12 @@ class FileLockManager(LockManager):
         return True
 
     def clean(self, *, dry_run: bool = False) -> CleanReport:
-        """Remove stale lock files (expired, dead holder, unreadable for 2 s) and temp files older
-        than 60 s.
+        """Remove stale lock files (expired, dead holder, unreadable for 2 s) and free ones.
 
-        Each lock judged stale is re-read under its bucket guard and removed only if it is
-        still the same lock (same token; for an unreadable file the same inode and mtime) and
-        still stale, so a lock re-acquired or extended in the meantime is never deleted.
+        Each file is judged and removed under its exclusive flock, so the lock judged is the
+        lock removed and a lock taken or extended meanwhile is never touched. Free files
+        (released locks) are removed too, but they are not locks: the report does not count
+        them. Their fences are kept in ``.fences``.
 
         :param dry_run: count what would be removed, delete nothing.
         """
@@ -504,11 +561,10 @@ class FileLockManager(LockManager):
             report.errors += 1
             return report
         for name in names:
+            if not _LOCK_NAME.match(name):
+                continue
             try:
-                if _LOCK_NAME.match(name):
-                    self._clean_lock(name, report, dry_run=dry_run)
-                elif (match := _TMP_NAME.match(name)) is not None and not dry_run:
-                    self._clean_temp(name, match.group(1))
+                self._clean_lock(name, report, dry_run=dry_run)
             except (OSError, LockError) as exc:
                 report.errors += 1
                 self._log.warning(
@@ -522,84 +578,184 @@ class FileLockManager(LockManager):
 
     # --------------------------------------------------------------- internals
 
-    def _acquire_guarded(
+    def _name(self, key: str) -> str:
+        name = _file_name(key)
+        if len(key) <= _NAME_CACHE_KEY:
+            names = self._names
+            if len(names) >= _NAME_CACHE:
+                names.clear()  # bounded; hashing again is cheap
+            names[key] = name
+        return name
+
+    def _remember(self, token: str, written: bytes, bt_expires: float, fence: int) -> None:
+        held = self._held
+        if len(held) >= _HELD_CACHE:
+            # Leases never released (lost, leaked) must not grow this for ever; a forgotten
+            # lease only releases by parsing.
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+                del held[next(iter(held))]
+        held[token] = (written, bt_expires, fence)
+
+    def _open_locked(
+        self, name: str, flags: int, operation: int = fcntl.LOCK_EX
+    ) -> tuple[int, os.stat_result] | _Foreign | None:
+        """Open ``name`` and flock it (``operation``); return the fd and its fstat.
+
+        Returns None when nothing is under the name (only without O_CREAT), and a
+        :class:`_Foreign` for an entry that is not a lock file. A file unlinked while we waited
+        for its flock (by a cleaner) is dropped and the name opened again.
+        """
+        dfd = self._dir_fd
+        for _ in range(_REOPEN_TRIES):
+            try:
+                fd = os.open(name, flags, 0o600, dir_fd=dfd)
+            except FileNotFoundError:
+                if flags & os.O_CREAT:
+                    raise  # the directory itself is gone
+                return None
+            except OSError as exc:
+                if exc.errno not in (
+                    errno.ELOOP,
+                    errno.EISDIR,
+                    errno.ENXIO,
+                    errno.EACCES,
+                    errno.EPERM,
+                ):
+                    raise
+                # ELOOP: a symlink; EISDIR: a directory; ENXIO: a socket; EACCES: unreadable.
+                foreign = self._lstat_foreign(name, f"cannot be opened: {exc.strerror}")
+                if foreign is None:
+                    continue  # gone meanwhile: look again
+                return foreign
+            try:
+                try:
+                    fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self._wait_flock(fd, operation, name)
+                st = os.fstat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if st.st_nlink and stat.S_ISREG(st.st_mode):
+                return fd, st
+            _unlock_close(fd)
+            if st.st_nlink:
+                return _Foreign(st, "not a regular file")
+        raise OSError(errno.EAGAIN, "the lock file kept being removed while we opened it", name)
+
+    def _wait_flock(self, fd: int, operation: int, name: str) -> None:
+        # Never a blocking flock: bounded, with tiny growing sleeps (the holder needs
+        # microseconds unless it was stopped or sits on a slow network file system).
+        deadline = _time.monotonic() + _BUSY_TIMEOUT
+        delay = 0.0001
+        while True:
+            left = deadline - _time.monotonic()
+            if left <= 0:
+                path = os.path.join(self._path, name)
+                raise LockBackendUnavailable(
+                    f"lock file {path} stayed busy for {_BUSY_TIMEOUT} s "
+                    "(a process stopped inside a lock operation?)",
+                    backend=self.backend,
+                    path=path,
+                )
+            _time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.005)
+            try:
+                fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            return
+
+    def _acquire_locked(
         self,
-        key: str,
+        fd: int,
+        st: os.stat_result,
         name: str,
-        guard_fd: int,
+        key: str,
         ttl: float,
         token: str,
         task_id: str | None,
         task_name: str | None,
     ) -> Lease | None:
+        size = st.st_size
+        data = os.pread(fd, size, 0) if 0 < size <= _MAX_BYTES else b""
         now = _time.time()
-        now_bt = _time.clock_gettime(_time.CLOCK_BOOTTIME)
-        # Look first, so a held lock costs one open + read and no temp file (the contended
-        # path). access() rather than open(): no exception to build on the uncontended path.
-        entry = None
-        if os.access(name, os.F_OK, dir_fd=self._dir_fd, follow_symlinks=False):
-            entry = self._read(name)
+        now_bt = _time.clock_gettime(_BOOTTIME)
         reason = None
-        if entry is not None:
-            meta = entry.meta
-            if meta is not None and meta["token"] == token:
-                left = _remaining(meta, now, now_bt)
-                if left > 0:
-                    # A retry of an attempt that succeeded (the caller lost our reply): ours.
-                    held_ttl, acquired = meta.get("ttl"), meta.get("acquired")
-                    return Lease(
-                        key=key,
-                        token=token,
-                        fence=meta["fence"],
-                        backend=self.backend,
-                        ttl=float(held_ttl) if _is_time(held_ttl) else ttl,
-                        expires_at=now + left,
-                        acquired_at=float(acquired) if _is_time(acquired) else now,
-                    )
-            reason = self._stale_reason(entry, now, now_bt)
-            if reason is None:
-                return None
-        raw = os.pread(guard_fd, 8, 0)
-        last = int.from_bytes(raw, "big") if len(raw) == 8 else 0
+        if not size:
+            last = self._last_fence(name)  # a new file (or one whose creator died at once)
+        else:
+            record = _parse(data) if data else None
+            if type(record) is int:
+                last = record
+            elif record is None:
+                problem = f"larger than {_MAX_BYTES} bytes" if size > _MAX_BYTES else None
+                entry = _Entry(name, None, None, st, problem or "not valid lock metadata")
+                reason = self._stale_reason(entry, now)
+                if reason is None:
+                    return None
+                last = self._last_fence(name)
+            else:
+                meta: dict[str, Any] = record  # type: ignore[assignment]
+                if meta["token"] == token:
+                    left = _remaining(meta, now, now_bt)
+                    if left > 0:
+                        # A retry of an attempt that succeeded (the caller lost our reply).
+                        held_ttl, acquired = meta.get("ttl"), meta.get("acquired")
+                        return Lease(
+                            key=key,
+                            token=token,
+                            fence=meta["fence"],
+                            backend=self.backend,
+                            ttl=float(held_ttl) if _is_time(held_ttl) else ttl,
+                            expires_at=now + left,
+                            acquired_at=float(acquired) if _is_time(acquired) else now,
+                        )
+                reason = self._stale_reason(
+                    _Entry(name, meta, meta["fence"], st, None), now, now_bt
+                )
+                if reason is None:
+                    return None
+                last = meta["fence"]
         if last >= _FENCE_LIMIT:
-            last = 0  # garbage in the guard file; the clock term keeps the fence sane
-        # max(last + 1, clock): strictly increasing per bucket (so per key) while the guard file
-        # lives, and still increasing after it is lost, unless the wall clock also went back.
+            last = 0  # garbage; the clock term keeps the fence sane
+        # max(last + 1, clock): strictly increasing per key while its file or .fences lives, and
+        # still increasing after both are lost, unless the wall clock also went back.
         fence = max(last + 1, _time.time_ns() // 1000)
         content = self._content(key, now, now_bt, ttl, token, fence, task_id, task_name)
-        if reason is None:
-            # link() is create-if-absent: EEXIST can only come from a writer outside the guard
-            # protocol (everything of ours that creates holds this guard); that is not ours.
-            if not self._publish(name, content, replace=False):
-                return None
-        else:
-            try:
-                self._publish(name, content, replace=True)
-            except IsADirectoryError:
-                self._log.warning(
-                    "cannot break the stale lock %s for %s: a directory is in its place",
-                    os.path.join(self._path, name),
-                    key,
-                    extra={"lock_key": key, "backend": "file"},
-                )
-                return None
+        self._remember(token, self._write(fd, content, data, size), now_bt + ttl, fence)
+        if reason is not None:
             self._log.info(
                 "broke stale lock %s (%s)",
                 key,
                 reason,
                 extra={"lock_key": key, "backend": "file", "fence": fence},
             )
-        # Recorded only once the lock is ours: a failed attempt must not consume fences.
-        os.pwrite(guard_fd, fence.to_bytes(8, "big"), 0)
-        return Lease(
-            key=key,
-            token=token,
-            fence=fence,
-            backend=self.backend,
-            ttl=ttl,
-            expires_at=now + ttl,
-            acquired_at=now,
-        )
+        return Lease(key, token, fence, "file", ttl, now + ttl, now)
+
+    def _write(self, fd: int, content: bytes, old: bytes, old_size: int) -> bytes:
+        """Replace the record in ``fd`` (flocked by us) with ``content``; return what was written.
+
+        One ``pwrite`` from offset 0, padded with spaces to the old length (JSON allows trailing
+        white space), so the file never holds a mix of two records. On failure the old bytes are
+        put back: an error path must not leave a lock held that nobody knows.
+        """
+        gap = old_size - len(content)
+        if 0 < gap <= _PAD_LIMIT:
+            content += b" " * gap
+        try:
+            written = os.pwrite(fd, content, 0)
+            if written != len(content):
+                raise OSError(errno.ENOSPC, "short write of a lock file")  # noqa: TRY301
+            if gap > _PAD_LIMIT:
+                os.ftruncate(fd, len(content))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if old or not old_size:
+                    os.pwrite(fd, old, 0)
+                    os.ftruncate(fd, len(old))
+            raise
+        return content
 
     def _content(
         self,
@@ -628,126 +784,167 @@ class FileLockManager(LockManager):
                 + ',"truncated":true}'
             )
         return (
-            f'{meta[:-1]},"token":{json.dumps(token)},"fence":{fence},'
+            f'{meta[:-1]},"token":"{token}","fence":{fence},'
             f'"expires":{now + ttl!r},"bt_expires":{now_bt + ttl!r}}}'
         ).encode("ascii")
 
-    def _publish(self, name: str, content: bytes, *, replace: bool) -> bool:
-        """Write ``content`` to a private temp file and move it to ``name`` in one step.
-
-        ``replace=False`` links (fails if ``name`` exists: returns False); ``replace=True``
-        renames over whatever is there. No fsync: a lock does not outlive a crash of the host.
-        """
-        dfd = self._dir_fd
-        if not replace and self._tmpfile:
-            published = self._publish_unnamed(name, content)
-            if published is not None:
-                return published
-        # Only the holder of this bucket's guard writes temp files for ``name``, so one name per
-        # process is private enough (the pid only matters where flock does not exclude: on a
-        # network file system). A name that repeats also keeps the kernel's dentry cache from
-        # filling with millions of dead one-off names.
-        temp = f"{_TMP_PREFIX}{name}.{os.getpid()}"
-        try:
-            fd = os.open(temp, _OPEN_TEMP, 0o600, dir_fd=dfd)
-        except FileExistsError:
-            # Left by a crashed writer with our pid (recycled); we hold the guard: nobody is
-            # using it.
-            os.unlink(temp, dir_fd=dfd)
-            fd = os.open(temp, _OPEN_TEMP, 0o600, dir_fd=dfd)
-        pending = True  # the temp file still exists under its own name
-        try:
-            try:
-                written = os.write(fd, content)
-            finally:
-                os.close(fd)
-            if written != len(content):
-                raise OSError(errno.ENOSPC, "short write of a lock file", temp)
-            if replace:
-                os.replace(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-                pending = False
-                return True
-            try:
-                os.link(temp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
-            except FileExistsError:
-                return False
-            return True
-        finally:
-            if pending:
-                os.unlink(temp, dir_fd=dfd)
-
-    def _publish_unnamed(self, name: str, content: bytes) -> bool | None:
-        """Create-if-absent through an unnamed O_TMPFILE inode linked into place.
-
-        One directory change instead of three (create temp, link, unlink temp): the directory
-        operations are what a lock cycle costs on a journaling file system. Returns None when
-        the file system does not support O_TMPFILE (then the named-temp path is used).
-        """
-        try:
-            fd = os.open(".", _OPEN_UNNAMED, 0o600, dir_fd=self._dir_fd)
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
-                self._tmpfile = False
-                return None
-            raise
-        try:
-            written = os.write(fd, content)
-            if written != len(content):
-                raise OSError(errno.ENOSPC, "short write of a lock file", name)
-            try:
-                # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N names the unnamed inode; the
-                # content is complete before the name appears (atomic publication).
-                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=self._dir_fd)
-            except FileExistsError:
-                return False
-            except FileNotFoundError:  # no /proc: fall back for good
-                self._tmpfile = False
-                return None
-            return True
-        finally:
-            os.close(fd)
+    def _entry(self, fd: int, st: os.stat_result, name: str) -> _Entry:
+        """Decode the record of ``name``, open as ``fd`` and flocked by us."""
+        size = st.st_size
+        if size > _MAX_BYTES:
+            return _Entry(name, None, None, st, f"larger than {_MAX_BYTES} bytes")
+        record = _parse(os.pread(fd, size, 0)) if size else 0
+        if record is None:
+            return _Entry(name, None, None, st, "not valid lock metadata")
+        if type(record) is int:
+            return _Entry(name, None, record, st, None)
+        meta: dict[str, Any] = record  # type: ignore[assignment]
+        return _Entry(name, meta, meta["fence"], st, None)
 
     def _read(self, name: str) -> _Entry | None:
-        """What is under ``name`` now, or None when nothing is; never blocks, never follows."""
+        """The lock under ``name`` now (under a shared flock), or None when it is free or
+        absent; a foreign entry comes back as an entry with its problem. Never follows."""
+        opened = self._open_locked(name, _OPEN_READ, fcntl.LOCK_SH)
+        if opened is None:
+            return None
+        if isinstance(opened, _Foreign):
+            return _Entry(name, None, None, opened.st, opened.problem)
+        fd, st = opened
         try:
-            fd = os.open(name, _OPEN_READ, dir_fd=self._dir_fd)
+            entry = self._entry(fd, st, name)
+        finally:
+            _unlock_close(fd)
+        if entry.meta is None and entry.problem is None:
+            return None
+        return entry
+
+    def _lstat_foreign(self, name: str, problem: str) -> _Foreign | None:
+        try:
+            st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            # ELOOP: a symlink; ENXIO: a socket; EACCES: unreadable. Judge it by its lstat age.
+        return _Foreign(st, problem)
+
+    def _warn_corrupt(self, name: str, st: os.stat_result, problem: str) -> None:
+        marker = (name, st.st_ino, st.st_mtime_ns)
+        if marker in self._warned_corrupt:
+            return
+        if len(self._warned_corrupt) >= 1024:
+            self._warned_corrupt.clear()  # bounded memory; a repeat warning is harmless
+        self._warned_corrupt.add(marker)
+        self._log.warning(
+            "unreadable lock file %s (%s): held for %.0f s after its last change, then stale",
+            os.path.join(self._path, name),
+            problem,
+            _CORRUPT_GRACE,
+            extra={"backend": "file"},
+        )
+
+    def _foreign_is_stale(self, foreign: _Foreign) -> bool:
+        # abs(): an mtime far in the future (the wall clock was stepped back) must not keep a
+        # corrupt entry "fresh" for hours.
+        return abs(_time.time() - foreign.st.st_mtime_ns / 1e9) > _CORRUPT_GRACE
+
+    def _remove_foreign(self, name: str, foreign: _Foreign, key: str) -> bool:
+        """Make room for a lock file where a foreign entry stands; True when the name should be
+        tried again, False while the entry counts as held (or cannot be removed)."""
+        self._warn_corrupt(name, foreign.st, foreign.problem)
+        if not self._foreign_is_stale(foreign):
+            return False
+        if stat.S_ISDIR(foreign.st.st_mode):
+            self._log.warning(
+                "cannot break the stale lock %s for %s: a directory is in its place",
+                os.path.join(self._path, name),
+                key,
+                extra={"lock_key": key, "backend": "file"},
+            )
+            return False
+        if self._unlink_foreign(name, foreign):
+            self._log.info(
+                "broke stale lock %s (unreadable for more than %.0f s: %s)",
+                key,
+                _CORRUPT_GRACE,
+                foreign.problem,
+                extra={"lock_key": key, "backend": "file"},
+            )
+        return True
+
+    def _unlink_foreign(self, name: str, foreign: _Foreign) -> bool:
+        """Unlink ``name`` if it is still the entry ``foreign`` describes.
+
+        Under the directory's ``.guard``: two processes that judged the same entry must not
+        both unlink, or the second would remove the lock file the first created in its place.
+        Lock files themselves are only ever removed under their own flock.
+        """
+        fd = self._open_aux(_GUARD, _OPEN_CREATE)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._wait_flock(fd, fcntl.LOCK_EX, _GUARD)
             try:
                 st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
             except FileNotFoundError:
-                return None
-            return self._corrupt(name, st, f"cannot be opened: {exc.strerror}")
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return self._corrupt(name, st, "not a regular file")
-            if st.st_size > _MAX_BYTES:
-                return self._corrupt(name, st, f"larger than {_MAX_BYTES} bytes")
-            data = os.read(fd, st.st_size + 1)
+                return False
+            before = foreign.st
+            if (st.st_dev, st.st_ino, st.st_mtime_ns) != (
+                before.st_dev,
+                before.st_ino,
+                before.st_mtime_ns,
+            ):
+                return False
+            if stat.S_ISDIR(st.st_mode):
+                return False
+            os.unlink(name, dir_fd=self._dir_fd)
+            return True
         finally:
-            os.close(fd)
-        meta = _parse(data)
-        if meta is None:
-            return self._corrupt(name, st, "not valid lock metadata")
-        return _Entry(meta, st.st_ino, st.st_mtime_ns, None)
+            _unlock_close(fd)
 
-    def _corrupt(self, name: str, st: os.stat_result, problem: str) -> _Entry:
-        marker = (name, st.st_ino, st.st_mtime_ns)
-        if marker not in self._warned_corrupt:
-            if len(self._warned_corrupt) >= 1024:
-                self._warned_corrupt.clear()  # bounded memory; a repeat warning is harmless
-            self._warned_corrupt.add(marker)
-            self._log.warning(
-                "unreadable lock file %s (%s): held for %.0f s after its last change, then stale",
-                os.path.join(self._path, name),
-                problem,
-                _CORRUPT_GRACE,
-                extra={"backend": "file"},
+    def _open_aux(self, name: str, flags: int) -> int:
+        """Open ``.fences`` or ``.guard``; a planted non-file is a backend error."""
+        fd = os.open(name, flags, 0o600, dir_fd=self._dir_fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            path = os.path.join(self._path, name)
+            raise LockBackendUnavailable(
+                f"{path} is not a regular file", backend=self.backend, path=path
             )
-        return _Entry(None, st.st_ino, st.st_mtime_ns, problem)
+        return fd
+
+    def _last_fence(self, name: str) -> int:
+        """The highest fence of a removed lock file of ``name``'s slot (0 when none)."""
+        try:
+            fd = self._open_aux(_FENCES, _OPEN_READ)
+        except FileNotFoundError:
+            return 0
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._wait_flock(fd, fcntl.LOCK_SH, _FENCES)
+            raw = os.pread(fd, 8, int(name[:2], 16) * 8)
+        finally:
+            _unlock_close(fd)
+        last = int.from_bytes(raw, "big") if len(raw) == 8 else 0
+        return last if last < _FENCE_LIMIT else 0
+
+    def _record_fence(self, name: str, fence: int | None) -> None:
+        """Keep ``fence`` as the slot's high-water mark before ``name``'s file is removed."""
+        if not fence or fence >= _FENCE_LIMIT:
+            return
+        fd = self._open_aux(_FENCES, _OPEN_CREATE)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._wait_flock(fd, fcntl.LOCK_EX, _FENCES)
+            slot = int(name[:2], 16) * 8
+            raw = os.pread(fd, 8, slot)
+            last = int.from_bytes(raw, "big") if len(raw) == 8 else 0
+            if last >= _FENCE_LIMIT or fence > last:
+                os.pwrite(fd, fence.to_bytes(8, "big"), slot)
+        finally:
+            _unlock_close(fd)
 
     def _stale_reason(
         self, entry: _Entry, now: float | None = None, now_bt: float | None = None
@@ -756,14 +953,16 @@ class FileLockManager(LockManager):
         if now is None:
             now = _time.time()
         meta = entry.meta
-        if meta is None:
+        if meta is None:  # callers never pass a free file's entry: that is no lock at all
+            problem = entry.problem or "unknown"
+            self._warn_corrupt(entry.name, entry.st, problem)
             # abs(): an mtime far in the future (the wall clock was stepped back) must not keep
             # a corrupt file "fresh" for hours.
-            if abs(now - entry.mtime_ns / 1e9) > _CORRUPT_GRACE:
-                return f"unreadable for more than {_CORRUPT_GRACE:.0f} s: {entry.problem}"
+            if abs(now - entry.st.st_mtime_ns / 1e9) > _CORRUPT_GRACE:
+                return f"unreadable for more than {_CORRUPT_GRACE:.0f} s: {problem}"
             return None
         if now_bt is None:
-            now_bt = _time.clock_gettime(_time.CLOCK_BOOTTIME)
+            now_bt = _time.clock_gettime(_BOOTTIME)
         if _remaining(meta, now, now_bt) <= 0:
             return "expired"
         if _identity.holder_is_dead(meta):
@@ -775,7 +974,7 @@ class FileLockManager(LockManager):
         if meta is None:
             return LockInfo(key, None, None, self.backend, None, None, None, None, None, None)
         now = _time.time()
-        expires = now + _remaining(meta, now, _time.clock_gettime(_time.CLOCK_BOOTTIME))
+        expires = now + _remaining(meta, now, _time.clock_gettime(_BOOTTIME))
         acquired = meta.get("acquired")
         return LockInfo(
             key=key,
@@ -791,28 +990,52 @@ class FileLockManager(LockManager):
         )
 
     def _clean_lock(self, name: str, report: CleanReport, *, dry_run: bool) -> None:
-        entry = self._read(name)
-        if entry is None:
-            return  # released between the listing and now
-        report.scanned += 1
-        if self._stale_reason(entry) is None:  # cheap first look, without the guard
-            report.kept += 1
-            return
-        if dry_run:
-            report.removed += 1
-            return
-        with _Guard(self, name[:2]):
-            again = self._read(name)
-            # Still the lock we judged (same token; same inode and mtime for an unreadable
-            # file) and still stale (an extend keeps the token but makes it live again): only
-            # then is it deleted. A lock re-acquired since the first look is never touched.
-            reason = None
-            if again is not None and _same(entry, again):
-                reason = self._stale_reason(again)
-            if reason is None:
+        opened = self._open_locked(name, _OPEN_READ, fcntl.LOCK_SH if dry_run else fcntl.LOCK_EX)
+        if opened is None:
+            return  # removed between the listing and now
+        if isinstance(opened, _Foreign):
+            report.scanned += 1
+            if not self._foreign_is_stale(opened):
                 report.kept += 1
                 return
+            if stat.S_ISDIR(opened.st.st_mode):
+                # Counted and logged as an error by clean(): it blocks its key for good.
+                raise IsADirectoryError(errno.EISDIR, "a directory stands in place of a lock file")
+            if not dry_run and not self._unlink_foreign(name, opened):
+                report.kept += 1  # replaced since we looked: judged again next pass
+                return
+            report.removed += 1
+            if not dry_run:
+                self._log.info(
+                    "removed stale lock file %s (%s)",
+                    name,
+                    opened.problem,
+                    extra={"backend": "file"},
+                )
+            return
+        fd, st = opened
+        try:
+            entry = self._entry(fd, st, name)
+            free = entry.meta is None and entry.problem is None
+            if not free:
+                report.scanned += 1
+                reason = self._stale_reason(entry)
+                if reason is None:
+                    report.kept += 1
+                    return
+                if dry_run:
+                    report.removed += 1
+                    return
+            elif dry_run:
+                return
+            # Under our exclusive flock: the record judged is the record removed. Whoever
+            # opened this file meanwhile finds it unlinked after its own flock and starts over.
+            self._record_fence(name, entry.fence)
             os.unlink(name, dir_fd=self._dir_fd)
+        finally:
+            _unlock_close(fd)
+        if free:
+            return
         report.removed += 1
         meta = entry.meta or {}
         self._log.info(
@@ -821,21 +1044,6 @@ class FileLockManager(LockManager):
             reason,
             extra={"lock_key": meta.get("key"), "backend": "file", "fence": meta.get("fence")},
         )
-
-    def _clean_temp(self, name: str, bucket: str) -> None:
-        try:
-            st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return  # published or dropped by its writer since the listing: the usual case
-        if _time.time() - st.st_mtime <= _TMP_MAX_AGE:
-            return
-        # Under the guard: a writer paused between creating and publishing its temp holds it.
-        with _Guard(self, bucket):
-            try:
-                os.unlink(name, dir_fd=self._dir_fd)
-            except FileNotFoundError:
-                return  # another cleaner was faster
-        self._log.info("removed leftover temp file %s", name, extra={"backend": "file"})
 
     def _list(self) -> list[str]:
         # A private descriptor per scan: listdir(fd) works on a dup, which shares the file
@@ -846,75 +1054,6 @@ class FileLockManager(LockManager):
             return os.listdir(fd)
         finally:
             os.close(fd)
-
-    def _lock_bucket(self, bucket: str) -> tuple[threading.Lock, int]:
-        """Take bucket ``bucket``'s guard; return the thread lock and guard fd to release."""
-        if self._pid != os.getpid():
-            self._after_fork()
-        deadline = _time.monotonic() + _GUARD_TIMEOUT
-        lock = self._bucket_locks[bucket]
-        if not lock.acquire(timeout=_GUARD_TIMEOUT):
-            raise self._guard_timeout(bucket)
-        try:
-            fd = self._fds.guards.get(bucket)
-            if fd is None:
-                fd = self._open_guard(bucket)
-            try:
-                fcntl.flock(fd, _LOCK_NB)
-            except BlockingIOError:
-                self._wait_flock(fd, bucket, deadline)
-        except BaseException:
-            lock.release()
-            raise
-        return lock, fd
-
-    def _wait_flock(self, fd: int, bucket: str, deadline: float) -> None:
-        # Never a blocking flock: bounded, with tiny growing sleeps (the holder needs
-        # microseconds unless it was stopped or sits on a slow network file system).
-        delay = 0.0001
-        while True:
-            left = deadline - _time.monotonic()
-            if left <= 0:
-                raise self._guard_timeout(bucket)
-            _time.sleep(min(delay, left))
-            delay = min(delay * 2, 0.005)
-            try:
-                fcntl.flock(fd, _LOCK_NB)
-            except BlockingIOError:
-                continue
-            return
-
-    def _open_guard(self, bucket: str) -> int:
-        name = _GUARD_PREFIX + bucket
-        fd = os.open(name, _OPEN_GUARD, 0o600, dir_fd=self._dir_fd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            path = os.path.join(self._path, name)
-            raise LockBackendUnavailable(
-                f"lock guard {path} is not a regular file", backend=self.backend, path=path
-            )
-        self._fds.guards[bucket] = fd
-        return fd
-
-    def _after_fork(self) -> None:
-        # A child shares the parent's open file descriptions, so flock on an inherited guard fd
-        # would "succeed" while the parent holds it: reopen every guard. The thread locks may
-        # have been held by parent threads that do not exist here: make new ones.
-        with _module_lock:
-            if self._pid == os.getpid():
-                return
-            self._fds.close_guards()
-            self._bucket_locks = {f"{i:02x}": threading.Lock() for i in range(256)}
-            self._pid = os.getpid()
-
-    def _guard_timeout(self, bucket: str) -> LockBackendUnavailable:
-        path = os.path.join(self._path, _GUARD_PREFIX + bucket)
-        return LockBackendUnavailable(
-            f"lock guard {path} stayed busy for {_GUARD_TIMEOUT} s "
-            "(a process stopped inside a lock operation?)",
-            backend=self.backend,
-            path=path,
-        )
 
     def _unavailable(self, exc: OSError, key: str | None) -> LockBackendUnavailable:
         return LockBackendUnavailable(

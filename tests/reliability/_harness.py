@@ -645,6 +645,10 @@ def stall(
             return bool(info and info.expires_at and info.expires_at > before.expires_at + 0.05)
 
         assert poll_until(renewed, timeout=ttl * 2)[0], "the renewer never extended the lease"
+        # Stop between renewals, not inside one: a hybrid's renewal extends Redis (what we just
+        # saw) and then its shadow file, whose flock a process stopped right there would keep
+        # (everybody else then waits the file backend's bounded 5 s: tested on its own).
+        time.sleep(ttl / 10)
         child.signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         successor, _ = poll_until(

@@ -102,7 +102,10 @@ class Workers:
             value = self.manager.redis.client.get(self.manager.redis._name(key))
             if value is not None and not value.startswith(b"~"):  # "~": a release's tombstone
                 return True
-        return os.path.lexists(self.lock_dir / file_backend._file_name(key))
+        # A lock file stays after release with only its fence in it: a holder record has a
+        # token.
+        path = self.lock_dir / file_backend._file_name(key)
+        return path.is_file() and b'"token"' in path.read_bytes()
 
     def close(self) -> None:
         for worker in self.workers:  # all at once: each warm shutdown takes ~2 s

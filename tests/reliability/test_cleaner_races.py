@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,28 +104,34 @@ def as_dead_holder(manager: LockManager, pid: int) -> Iterator[None]:
         yield
 
 
-def test_file_cleaner_keeps_a_lock_taken_over_after_its_look(tmp_path: Path) -> None:
-    """The file cleaner judges an orphan stale on its first (unguarded) look; before it deletes,
-    another process takes the orphan over. The cleaner must re-check under the guard and keep
-    the new holder's lock."""
+def test_file_cleaner_and_a_contender_for_the_orphan_both_come_out_right(tmp_path: Path) -> None:
+    """The file cleaner judges a dead holder's orphan under the file's exclusive flock; a
+    contender arriving meanwhile waits for that flock, finds the file removed and takes the key
+    in a new file with a higher fence. Judging and deleting are one step under the flock, so
+    the cleaner cannot delete the contender's lock."""
     cleaner_view = FileLockManager(tmp_path / "locks")
     other = FileLockManager(tmp_path / "locks")
     with as_dead_holder(other, reaped_pid()):
         orphan = other.acquire("k", ttl=30)
     assert orphan is not None
     taken: list[Lease | None] = []
+    threads: list[threading.Thread] = []
     original = cleaner_view._stale_reason
 
-    def look_then_takeover(*args: Any) -> str | None:
+    def look_then_contend(*args: Any) -> str | None:
         reason = original(*args)
-        if reason is not None and not taken:
-            taken.append(other.acquire("k", ttl=30))
+        if reason is not None and not threads:
+            thread = threading.Thread(target=lambda: taken.append(other.acquire("k", ttl=30)))
+            thread.start()
+            threads.append(thread)
+            time.sleep(0.1)  # the contender opens the file and waits for its flock
         return reason
 
-    with mock.patch.object(cleaner_view, "_stale_reason", look_then_takeover):
+    with mock.patch.object(cleaner_view, "_stale_reason", look_then_contend):
         report = cleaner_view.clean()
+    threads[0].join(10)
     assert taken and taken[0] is not None and taken[0].fence > orphan.fence
-    assert report.removed == 0 and report.kept == 1
+    assert report.removed == 1 and report.kept == 0
     info = other.inspect("k")
     assert info is not None and info.token_prefix == taken[0].token[:8]
     assert other.release(taken[0])

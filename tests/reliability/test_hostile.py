@@ -279,7 +279,6 @@ def _corrupt(content: bytes) -> Callable[[Env], None]:
 
 CORRUPT = [
     ("lockfile-garbage", b"\x00\xff\xfegarbage\n"),
-    ("lockfile-empty", b""),
     ("lockfile-truncated-json", b'{"v":1,"key":"k","token":"abc'),
     ("lockfile-json-list", b"[1, 2, 3]"),
     ("lockfile-json-wrong-types", b'{"key": 1, "token": 5, "fence": "7", "expires": "soon"}'),
@@ -353,28 +352,36 @@ def _(env: Env) -> None:
     roundtrip(manager, "other")
 
 
+@case("lockfile-empty")
+def _(env: Env) -> None:
+    # What O_CREAT leaves when its creator dies before its first write: never a holder's, since
+    # every holder writes its record under the exclusive flock before anybody else can look.
+    manager = env.file()
+    env.lock_file("k").write_bytes(b"")
+    assert not manager.is_locked("k")
+    roundtrip(manager, "k")
+
+
+@case("fencesfile-fifo")
+def _(env: Env) -> None:
+    manager = env.file()
+    os.mkfifo(env.lock_dir / ".fences", 0o600)
+    started = time.monotonic()
+    with pytest.raises(LockBackendUnavailable, match="not a regular file"):
+        manager.acquire("k", ttl=30)  # a new lock file starts its fence from .fences
+    assert time.monotonic() - started < 2.0  # never blocks on the FIFO
+    assert not manager.is_locked("k")
+
+
 @case("guardfile-fifo")
 def _(env: Env) -> None:
     manager = env.file()
-    guard = env.lock_dir / (".guard." + file_backend._file_name("k")[:2])
-    guard.unlink(missing_ok=True)
-    os.mkfifo(guard, 0o600)
+    env.lock_file("k").symlink_to("/etc/passwd")
+    age(env.lock_file("k"))
+    os.mkfifo(env.lock_dir / ".guard", 0o600)
     with pytest.raises(LockBackendUnavailable, match="not a regular file"):
-        manager.acquire("k", ttl=30)
-
-
-@case("tempfile-leftovers")
-def _(env: Env) -> None:
-    manager = env.file()
-    name = file_backend._file_name("k")
-    leftover = env.lock_dir / f".tmp.{name}.99999.0"
-    leftover.write_text("half-written")
-    age(leftover, 120)
-    fresh = env.lock_dir / f".tmp.{name}.99999.1"
-    fresh.write_text("being written")
-    LockCleaner(manager).clean()
-    assert not leftover.exists() and fresh.exists()
-    roundtrip(manager, "k")
+        manager.acquire("k", ttl=30)  # removing the stale symlink takes the guard
+    assert os.readlink(env.lock_file("k")) == "/etc/passwd"
 
 
 # ------------------------------------------------------------------------------- directories
@@ -456,13 +463,20 @@ def _(env: Env) -> None:
     manager = env.file()
     held = manager.acquire("held", ttl=30)
     assert held is not None
-    with read_only(env.lock_dir):
+    with read_only(env.lock_dir) as how:
         with pytest.raises(LockBackendUnavailable, match=str(env.lock_dir)):
-            manager.acquire("new", ttl=30)
-        with pytest.raises(LockBackendUnavailable):
-            manager.release(held)
+            manager.acquire("new", ttl=30)  # no new file can be created
         assert manager.is_locked("held")  # reads still work; nothing was lost
         assert LockCleaner(manager).clean().removed == 0
+        if how == "chattr +i":
+            # An immutable directory still lets its files change: existing locks keep working.
+            assert manager.release(held)
+            again = manager.acquire("held", ttl=30)
+            assert again is not None
+            held = again
+        else:
+            with pytest.raises(LockBackendUnavailable):
+                manager.release(held)
     assert manager.release(held)
     roundtrip(manager, "new")
 
