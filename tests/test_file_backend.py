@@ -1407,3 +1407,17 @@ def test_break_lock_of_a_released_key_finds_nothing(manager: FileLockManager) ->
     lease = manager.acquire("job")
     assert lease is not None and manager.release(lease)
     assert manager.break_lock("job") is False
+
+
+def test_a_hard_link_planted_as_a_lock_file_is_never_written_through(
+    manager: FileLockManager, tmp_path: Path
+) -> None:
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"do not touch")
+    os.link(precious, lock_path(manager, "job"))
+    assert manager.acquire("job") is None  # fresh: counts as held for the grace
+    set_age(lock_path(manager, "job"), 10)
+    lease = manager.acquire("job")  # stale: our name is unlinked, the other file stays
+    assert lease is not None
+    assert precious.read_bytes() == b"do not touch"
+    assert on_disk(manager, "job")["token"] == lease.token  # type: ignore[index]

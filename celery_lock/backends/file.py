@@ -1,4 +1,4 @@
-"""Local lock files: one atomically published JSON file per key in a private directory (Linux)."""
+"""Local lock files: one JSON record per key, changed in place under the file's flock (Linux)."""
 
 from __future__ import annotations
 
@@ -636,11 +636,15 @@ class FileLockManager(LockManager):
             except BaseException:
                 os.close(fd)
                 raise
-            if st.st_nlink and stat.S_ISREG(st.st_mode):
+            links = st.st_nlink
+            if links == 1 and stat.S_ISREG(st.st_mode):
                 return fd, st
             _unlock_close(fd)
-            if st.st_nlink:
-                return _Foreign(st, "not a regular file")
+            if links:
+                # A second hard link would have us write lock records through it into some
+                # other file (a planted link to /etc/shadow, say): never a lock file of ours.
+                problem = "not a regular file" if links == 1 else f"a file with {links} links"
+                return _Foreign(st, problem)
         raise OSError(errno.EAGAIN, "the lock file kept being removed while we opened it", name)
 
     def _wait_flock(self, fd: int, operation: int, name: str) -> None:
