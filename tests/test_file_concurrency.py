@@ -6,6 +6,7 @@ import json
 import os
 import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from celery_lock._types import Lease
+from celery_lock.backends import file as file_mod
 from celery_lock.backends.file import FileLockManager, _file_name
 from tests._contention import ContentionResult, run_contention
 
@@ -307,3 +309,126 @@ def test_cleaner_racing_live_locks_never_removes_one(lock_dir: Path, tmp_path: P
     assert result.fences_increasing
     assert errors == 0
     assert passes > 10 and removed > 0  # the cleaner really ran, and really removed locks
+
+
+# ------------------------------------------------------------------------------ QUEUE wake-ups
+
+
+def _handoff_seconds(lock_dir: Path) -> float:
+    """Seconds from a release in one thread to a QUEUE waiter (another manager) holding it."""
+    holder, waiting = FileLockManager(lock_dir), FileLockManager(lock_dir)
+    waiting.poll_min = waiting.poll_max = 3.0  # type: ignore[misc] # polls too slow to matter
+    lease = holder.acquire("job", ttl=30)
+    assert lease is not None
+    released: list[float] = []
+
+    def release_later() -> None:
+        time.sleep(0.3)  # the waiter has tried once and is waiting
+        assert holder.release(lease)  # type: ignore[arg-type]
+        released.append(time.monotonic())
+
+    thread = threading.Thread(target=release_later)
+    thread.start()
+    got = waiting.acquire("job", mode="queue", timeout=10, ttl=30)
+    acquired = time.monotonic()
+    thread.join(10)
+    assert got is not None and waiting.release(got)
+    return acquired - released[0]
+
+
+def test_queue_waiter_is_woken_by_the_release(lock_dir: Path) -> None:
+    if file_mod._inotify is None:  # pragma: no cover - every Linux libc has inotify
+        pytest.fail("no inotify in libc")
+    assert _handoff_seconds(lock_dir) < 1.0  # not after the 1.5-3 s poll
+
+
+def test_queue_waiter_polls_without_inotify(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_mod, "_inotify", None)
+    assert 1.0 < _handoff_seconds(lock_dir) < 5.0  # the (slow) poll took it
+
+
+@pytest.mark.parametrize("fails", ["init", "add_watch"])
+def test_queue_waiter_polls_when_inotify_refuses(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    real_init, real_add = file_mod._inotify  # type: ignore[misc]
+    monkeypatch.setattr(
+        file_mod,
+        "_inotify",
+        (
+            (lambda flags: -1) if fails == "init" else real_init,  # EMFILE: too many instances
+            (lambda fd, path, mask: -1) if fails == "add_watch" else real_add,
+        ),
+    )
+    manager = FileLockManager(lock_dir)
+    assert manager._watches.take() == -1
+    manager.poll_min = manager.poll_max = 0.01  # type: ignore[misc]
+    lease = manager.acquire("job")
+    assert lease is not None
+    assert manager.acquire("job", mode="queue", timeout=0.1) is None  # polled, gave up
+    assert manager.release(lease)
+
+
+def test_inotify_instances_are_kept_drained_and_not_shared_with_a_child(
+    lock_dir: Path,
+) -> None:
+    manager = FileLockManager(lock_dir)
+    watches = manager._watches
+    waiter = manager._waiter("job")
+    fd = waiter._fd  # type: ignore[attr-defined]
+    assert fd >= 0
+    waiter.close()
+    assert watches.idle == [fd]  # kept: closing one costs an RCU grace period
+    other = manager.acquire("job")  # writes the file: an event queued on the idle instance
+    assert other is not None
+    again = manager._waiter("job")
+    assert again._fd == fd  # type: ignore[attr-defined]
+    assert again.wait(0.05) is False  # the old event was drained, not taken for a release
+    assert manager.release(other)
+    assert again.wait(1.0) is True  # this release is news
+    again.close()
+    extra = [watches.take() for _ in range(_Watches_keep() + 2)]
+    for taken in extra:
+        watches.give(taken)
+    assert len(watches.idle) == _Watches_keep()
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            child_fd = watches.take()
+            fresh = watches.idle == [] and watches.pid == os.getpid()
+            code = 0 if fresh and child_fd >= 0 else 1
+        finally:
+            os.write(write_end, bytes([code]))
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == b"\x00"
+    os.close(read_end)
+    os.close(write_end)
+    assert len(watches.idle) == _Watches_keep()  # the parent's are untouched and still work
+    waiter = manager._waiter("job")
+    assert waiter._fd in extra  # type: ignore[attr-defined]
+    lease = manager.acquire("job")
+    assert lease is not None and manager.release(lease)
+    assert waiter.wait(1.0) is True
+    waiter.close()
+
+
+def _Watches_keep() -> int:  # noqa: N802 - reads the class constant
+    return int(file_mod._Watches.KEEP)
+
+
+def test_inotify_overflow_counts_as_a_wake_up(lock_dir: Path) -> None:
+    waiter = FileLockManager(lock_dir)._waiter("job")
+    name = _file_name("job").encode()
+    other = struct.pack("iIII", 1, 0x2, 0, 16) + b"other.lock".ljust(16, b"\0")
+    ours = struct.pack("iIII", 1, 0x2, 0, 48) + name.ljust(48, b"\0")
+    overflow = struct.pack("iIII", -1, 0x4000, 0, 0)
+    assert waiter._mentions_us(other) is False  # type: ignore[attr-defined]
+    assert waiter._mentions_us(other + ours) is True  # type: ignore[attr-defined]
+    assert waiter._mentions_us(overflow) is True  # type: ignore[attr-defined]
+    waiter.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import errno
 import fcntl
@@ -11,7 +13,9 @@ import json
 import math
 import os
 import re
+import select
 import stat
+import struct
 import tempfile
 import threading
 import time as _time
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeGuard
 
 from celery_lock import _identity
-from celery_lock._base import LockManager
+from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
 from celery_lock.errors import LockBackendUnavailable, LockError
 
@@ -178,6 +182,11 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
 
 
+def _close_all(watches: _Watches, dir_fd: int) -> None:
+    watches.close()
+    _close_quietly(dir_fd)
+
+
 def _remaining(meta: dict[str, Any], now: float, now_bt: float) -> float:
     """Seconds left on the lease described by ``meta``.
 
@@ -312,6 +321,139 @@ class _Entry(NamedTuple):
     problem: str | None
 
 
+#: inotify event bits (linux/inotify.h): a file written, created, deleted or moved in.
+_IN_MODIFY: Final = 0x002
+_IN_MOVED_TO: Final = 0x080
+_IN_CREATE: Final = 0x100
+_IN_DELETE: Final = 0x200
+_IN_Q_OVERFLOW: Final = 0x4000
+_IN_WATCH: Final = _IN_MODIFY | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+_IN_EVENT: Final = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
+
+
+def _load_inotify() -> tuple[Any, Any] | None:
+    """libc's ``inotify_init1`` and ``inotify_add_watch``, or None where there are none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        init, add = libc.inotify_init1, libc.inotify_add_watch
+    except (OSError, AttributeError):
+        return None
+    init.argtypes, init.restype = [ctypes.c_int], ctypes.c_int
+    add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    add.restype = ctypes.c_int
+    return init, add
+
+
+_inotify = _load_inotify()
+
+
+class _Watches:
+    """A manager's idle inotify instances, each watching its lock directory.
+
+    Closing an inotify descriptor waits for an RCU grace period (milliseconds), so instances
+    are kept for the next QUEUE wait instead; one taken again is drained first. A forked child
+    starts with none of its own: an instance shared with the parent would split its events.
+    """
+
+    __slots__ = ("dir_fd", "idle", "pid")
+
+    #: Idle instances kept per manager (the kernel allows 128 per user by default).
+    KEEP: Final = 4
+
+    def __init__(self, dir_fd: int) -> None:
+        self.dir_fd = dir_fd
+        self.idle: list[int] = []
+        self.pid = os.getpid()
+
+    def take(self) -> int:
+        """An armed instance with no pending events, or -1 (no inotify: poll)."""
+        if self.pid != os.getpid():
+            stale, self.idle, self.pid = self.idle, [], os.getpid()
+            for fd in stale:  # the parent's instances stay open in the parent
+                _close_quietly(fd)
+        try:
+            fd = self.idle.pop()
+        except IndexError:
+            return self._new()
+        with contextlib.suppress(OSError):
+            while os.read(fd, 64 * 1024):  # events from before this wait: not a wake-up
+                pass
+        return fd
+
+    def give(self, fd: int) -> None:
+        if self.pid == os.getpid() and len(self.idle) < self.KEEP:
+            self.idle.append(fd)
+        else:
+            _close_quietly(fd)
+
+    def close(self) -> None:
+        idle, self.idle = self.idle, []
+        for fd in idle:
+            _close_quietly(fd)
+
+    def _new(self) -> int:
+        if _inotify is None:
+            return -1
+        init, add = _inotify
+        fd = int(init(os.O_NONBLOCK | os.O_CLOEXEC))
+        if fd < 0:
+            return -1  # EMFILE (fs.inotify.max_user_instances), ENOSYS: poll
+        # The directory we verified and hold open, not a path that could be swapped meanwhile.
+        if add(fd, f"/proc/self/fd/{self.dir_fd}".encode(), _IN_WATCH) < 0:
+            _close_quietly(fd)
+            return -1
+        return fd
+
+
+class _InotifyWaiter(Waiter):
+    """Wakes a QUEUE waiter when its lock file is written (a release, most likely), through an
+    inotify watch on the lock directory; sleeps when inotify is not available.
+
+    Armed at construction, before the next attempt, so a release between that attempt and the
+    wait still wakes us. A holder that dies or expires writes nothing: the caller's growing poll
+    delay (``poll_max``) bounds the wait for those.
+    """
+
+    def __init__(self, watches: _Watches, name: str) -> None:
+        self._watches = watches
+        self._name = name.encode()
+        self._fd = watches.take()
+
+    def wait(self, seconds: float) -> bool:
+        fd = self._fd
+        if fd < 0:
+            return super().wait(seconds)
+        deadline = _time.monotonic() + seconds
+        while True:
+            remaining = deadline - _time.monotonic()
+            if remaining <= 0:
+                return False
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                return False
+            try:
+                data = os.read(fd, 64 * 1024)
+            except BlockingIOError:
+                continue
+            if self._mentions_us(data):
+                return True
+
+    def _mentions_us(self, data: bytes) -> bool:
+        offset = 0
+        while offset + _IN_EVENT.size <= len(data):
+            _wd, mask, _cookie, length = _IN_EVENT.unpack_from(data, offset)
+            offset += _IN_EVENT.size
+            if mask & _IN_Q_OVERFLOW or data[offset : offset + length].rstrip(b"\0") == self._name:
+                return True  # overflow: events were lost, ours perhaps among them
+            offset += length
+        return False
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._watches.give(self._fd)
+            self._fd = -1
+
+
 class FileLockManager(LockManager):
     """Lock files in a private local directory: excludes processes **on one host** only.
 
@@ -334,10 +476,15 @@ class FileLockManager(LockManager):
     on from the old record's (or from ``.fences``, where the cleaner keeps the fences of the
     files it removes), and never below the wall clock in µs.
 
-    Linux only (procfs for proof of death and mount detection, ``flock``, ``CLOCK_BOOTTIME``).
+    QUEUE waiters sleep on an inotify watch of the directory and wake when their lock file is
+    written (a release); a holder that dies or expires writes nothing, so they also poll, with a
+    delay growing from ``poll_min`` to ``poll_max``.
+
+    Linux only (procfs for proof of death and mount detection, ``flock``, ``CLOCK_BOOTTIME``,
+    inotify).
     The directory should be on a local file system; a network one gets a WARNING, since neither
-    flock nor proof of death works across hosts. Each manager keeps one descriptor, for the
-    directory; every operation opens and closes its own.
+    flock nor proof of death works across hosts. Each manager keeps one descriptor for the
+    directory and up to four idle inotify instances; every operation opens and closes its own.
 
     :param directory: the lock folder itself; None means ``celery_lock-<euid>`` under
         :func:`tempfile.gettempdir` (``TMPDIR`` is honoured). Created ``0700`` when missing; an
@@ -358,7 +505,8 @@ class FileLockManager(LockManager):
             directory = os.path.join(tempfile.gettempdir(), f"celery_lock-{os.geteuid()}")
         self._path = os.path.abspath(os.fspath(directory))
         self._dir_fd = _open_directory(self._path)
-        weakref.finalize(self, _close_quietly, self._dir_fd)
+        self._watches = _Watches(self._dir_fd)
+        weakref.finalize(self, _close_all, self._watches, self._dir_fd)
         #: key -> file name, for keys up to _NAME_CACHE_KEY characters (bounded).
         self._names: dict[str, str] = {}
         #: token -> (record bytes as written, CLOCK_BOOTTIME expiry, fence), bounded.
@@ -373,6 +521,9 @@ class FileLockManager(LockManager):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(directory={self._path!r})"
+
+    def _waiter(self, key: str) -> Waiter:
+        return _InotifyWaiter(self._watches, self._names.get(key) or self._name(key))
 
     # ------------------------------------------------------------------ hooks
 
