@@ -459,15 +459,15 @@ class FileLockManager(LockManager):
 
     One file per key, named ``sha256(key)[:40].lock`` (the raw key never reaches a path). A file
     holds one JSON record: a holder's metadata (token, fence, expiry, host, pid, task), or, once
-    released, only the key's last fence. Files stay after release (a held key costs no directory
-    change); :meth:`clean` removes free and stale ones.
+    released, only the key's last fence. Files stay after release (taking a key again changes no
+    directory); :meth:`clean` removes free and stale ones.
 
     Every read and change of a lock file happens under ``flock`` on that file (shared to read,
-    exclusive to change) and a change is one ``pwrite`` of the whole record, so nobody sees half a
-    record. The flock is held for microseconds, never for the lease: a holder does not keep a
-    descriptor open, and a holder that died is found by its metadata. A remover holds the
-    exclusive flock while it unlinks; whoever opened the old file sees a link count of 0 after
-    its own flock and opens the name again.
+    exclusive to change) and a change is one ``pwrite`` of the whole record, so no reader that
+    takes the flock (every one of ours) sees half a record. The flock is held for microseconds,
+    never for the lease: a holder does not keep a descriptor open, and a holder that died is
+    found by its metadata. A remover holds the exclusive flock while it unlinks; whoever opened
+    the old file sees a link count of 0 after its own flock and opens the name again.
 
     A lock is stale when its lease expired (CLOCK_BOOTTIME when written on this host and boot,
     else the wall clock), when its holder is provably dead (same host, boot and pid namespace;
