@@ -399,8 +399,11 @@ def test_inotify_instances_are_kept_drained_and_not_shared_with_a_child(
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
         try:
+            inherited = list(watches.idle)
+            reused = os.dup2(read_end, inherited[0])  # as if the child reused the number
             child_fd = watches.take()
             fresh = watches.idle == [] and watches.pid == os.getpid()
+            os.fstat(reused)  # not closed: it is no inotify instance any more
             code = 0 if fresh and child_fd >= 0 else 1
         finally:
             os.write(write_end, bytes([code]))

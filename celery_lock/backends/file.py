@@ -370,7 +370,11 @@ class _Watches:
         if self.pid != os.getpid():
             stale, self.idle, self.pid = self.idle, [], os.getpid()
             for fd in stale:  # the parent's instances stay open in the parent
-                _close_quietly(fd)
+                # Only our copy of an inotify instance: a child that closed its inherited
+                # descriptors may have reused the number for something else.
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                        os.close(fd)
         try:
             fd = self.idle.pop()
         except IndexError:
