@@ -1421,3 +1421,57 @@ def test_a_hard_link_planted_as_a_lock_file_is_never_written_through(
     assert lease is not None
     assert precious.read_bytes() == b"do not touch"
     assert on_disk(manager, "job")["token"] == lease.token  # type: ignore[index]
+
+
+def test_files_of_keys_used_once_do_not_pile_up(
+    manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_mod, "_KEEP_FREE", 5)
+    fences = {}
+    for i in range(50):
+        lease = manager.acquire(f"job{i}")
+        assert lease is not None and manager.release(lease)
+        fences[i] = lease.fence
+    names = {p.name for p in manager.directory.iterdir() if LOCK_NAME.match(p.name)}
+    assert names == {_file_name(f"job{i}") for i in range(45, 50)}  # the 5 freed last
+    # A removed file's fence went to .fences, so the key goes on above it even with the wall
+    # clock an hour back.
+    shift_wall_clock(monkeypatch, -HOUR)
+    again = manager.acquire("job0")
+    assert again is not None and again.fence > fences[0]
+
+
+def test_a_file_freed_long_ago_is_kept_while_somebody_uses_it(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_mod, "_KEEP_FREE", 1)
+    mine, other = FileLockManager(lock_dir), FileLockManager(lock_dir)
+    lease = mine.acquire("taken")
+    assert lease is not None and mine.release(lease)
+    taken = other.acquire("taken")  # held again, by somebody else
+    assert taken is not None
+    lease = mine.acquire("busy")
+    assert lease is not None and mine.release(lease)  # evicts "taken": held, so it stays
+    fd = os.open(lock_path(mine, "busy"), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # somebody is reading it right now
+    try:
+        lease = mine.acquire("third")
+        assert lease is not None and mine.release(lease)  # evicts "busy": in use, so it stays
+    finally:
+        os.close(fd)
+    assert on_disk(mine, "taken")["token"] == taken.token  # type: ignore[index]
+    assert lock_path(mine, "busy").exists()
+    assert other.release(taken)
+
+
+def test_a_failed_removal_of_an_old_free_file_is_left_to_the_cleaner(
+    manager: FileLockManager, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(file_mod, "_KEEP_FREE", 1)
+    first, second = manager.acquire("first"), manager.acquire("second")
+    assert first is not None and second is not None and manager.release(first)
+    os.mkfifo(manager.directory / ".fences", 0o600)  # the fence cannot be kept: no removal
+    with caplog.at_level(logging.DEBUG, logger="celery_lock.file"):
+        assert manager.release(second)  # evicts "first"
+    assert lock_path(manager, "first").exists()
+    assert any("could not remove free lock file" in r.getMessage() for r in caplog.records)

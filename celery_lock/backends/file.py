@@ -10,6 +10,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -57,6 +58,10 @@ _BUSY_TIMEOUT = 5.0
 _REOPEN_TRIES: Final = 100
 #: Leases whose written record a manager remembers (release compares bytes instead of parsing).
 _HELD_CACHE: Final = 4096
+#: Files a manager leaves in place after releasing them (the most recently released ones: a key
+#: taken again soon costs no directory change). Older free files are removed, so keys used once
+#: (a task's arguments) do not pile up between two cleaner runs.
+_KEEP_FREE: Final = 256
 #: File names a manager caches, for keys of up to _NAME_CACHE_KEY characters (longer ones are
 #: hashed on every call: the cache must not hold megabytes of keys).
 _NAME_CACHE: Final = 4096
@@ -463,8 +468,9 @@ class FileLockManager(LockManager):
 
     One file per key, named ``sha256(key)[:40].lock`` (the raw key never reaches a path). A file
     holds one JSON record: a holder's metadata (token, fence, expiry, host, pid, task), or, once
-    released, only the key's last fence. Files stay after release (taking a key again changes no
-    directory); :meth:`clean` removes free and stale ones.
+    released, only the key's last fence. The 256 files a manager freed last stay (taking such a
+    key again changes no directory); it removes older free ones as it goes, so keys used once do
+    not pile up, and :meth:`clean` removes free and stale files.
 
     Every read and change of a lock file happens under ``flock`` on that file (shared to read,
     exclusive to change) and a change is one ``pwrite`` of the whole record, so no reader that
@@ -515,6 +521,8 @@ class FileLockManager(LockManager):
         self._names: dict[str, str] = {}
         #: token -> (record bytes as written, CLOCK_BOOTTIME expiry, fence), bounded.
         self._held: dict[str, tuple[bytes, float, int]] = {}
+        #: Names of files this manager freed, oldest first (see _KEEP_FREE).
+        self._freed: dict[str, None] = {}
         self._warned_corrupt: set[tuple[str, int, int]] = set()
         self._warn_if_network()
 
@@ -559,8 +567,9 @@ class FileLockManager(LockManager):
     def _release(self, lease: Lease) -> bool:
         cached = self._held.pop(lease.token, None)
         key = lease.key
+        name = self._names.get(key) or self._name(key)
         try:
-            opened = self._open_locked(self._names.get(key) or self._name(key), _OPEN_WRITE)
+            opened = self._open_locked(name, _OPEN_WRITE)
             if opened is None or isinstance(opened, _Foreign):
                 return False  # no lock file (or not one we could have written): not ours
             fd, st = opened
@@ -581,13 +590,14 @@ class FileLockManager(LockManager):
                 # Our record goes even when it expired (nobody took it over, or the token would
                 # differ); only a lease that was still valid reports success.
                 self._write(fd, _free_record(fence), data, size)
-                return alive
             finally:
                 _unlock_close(fd)
         except LockError:
             raise
         except OSError as exc:
             raise self._unavailable(exc, key) from exc
+        self._freed_now(name)
+        return alive
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
         key = lease.key
@@ -694,6 +704,7 @@ class FileLockManager(LockManager):
             reason,
             extra={"lock_key": key, "backend": "file", "fence": meta and meta["fence"]},
         )
+        self._freed_now(name)
         return True
 
     def clean(self, *, dry_run: bool = False) -> CleanReport:
@@ -741,6 +752,50 @@ class FileLockManager(LockManager):
                 names.clear()  # bounded; hashing again is cheap
             names[key] = name
         return name
+
+    def _freed_now(self, name: str) -> None:
+        """Note that ``name`` was just freed; remove the file freed longest ago beyond
+        _KEEP_FREE, if it is still free (best effort: otherwise the cleaner's job)."""
+        freed = self._freed
+        freed.pop(name, None)
+        freed[name] = None
+        if len(freed) <= _KEEP_FREE:
+            return
+        try:
+            oldest = next(iter(freed))
+            del freed[oldest]
+        except (StopIteration, KeyError, RuntimeError):  # another thread got there first
+            return
+        try:
+            self._remove_if_free(oldest)
+        except (OSError, LockError) as exc:
+            if self._log.isEnabledFor(logging.DEBUG):
+                self._log.debug(
+                    "could not remove free lock file %s: %s", oldest, exc, extra={"backend": "file"}
+                )
+
+    def _remove_if_free(self, name: str) -> None:
+        try:
+            fd = os.open(name, _OPEN_READ, dir_fd=self._dir_fd)
+        except OSError:
+            return  # gone, or not a lock file: nothing of ours to remove
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # in use this very moment: not idle
+            st = os.fstat(fd)
+            if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+                return
+            entry = self._entry(fd, st, name)
+            if entry.meta is not None or entry.problem is not None:
+                return  # taken again (or odd): not free
+            # As in clean(): under the exclusive flock, fence kept; whoever opened the file
+            # meanwhile sees it unlinked after its own flock and creates a new one.
+            self._record_fence(name, entry.fence)
+            os.unlink(name, dir_fd=self._dir_fd)
+        finally:
+            _unlock_close(fd)
 
     def _remember(self, token: str, written: bytes, bt_expires: float, fence: int) -> None:
         held = self._held
