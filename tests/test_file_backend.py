@@ -1475,3 +1475,19 @@ def test_a_failed_removal_of_an_old_free_file_is_left_to_the_cleaner(
         assert manager.release(second)  # evicts "first"
     assert lock_path(manager, "first").exists()
     assert any("could not remove free lock file" in r.getMessage() for r in caplog.records)
+
+
+def test_an_old_free_file_already_gone_or_odd_is_left_alone(
+    manager: FileLockManager, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(file_mod, "_KEEP_FREE", 1)
+    for key in ("gone", "linked"):
+        lease = manager.acquire(key)
+        assert lease is not None and manager.release(lease)
+        if key == "gone":
+            assert manager.clean() == CleanReport()  # the cleaner removed it first
+    assert not lock_path(manager, "gone").exists()
+    os.link(lock_path(manager, "linked"), tmp_path / "second-link")
+    lease = manager.acquire("next")
+    assert lease is not None and manager.release(lease)  # evicts "linked": two links, kept
+    assert lock_path(manager, "linked").exists()
