@@ -838,10 +838,7 @@ class FileLockManager(LockManager):
                     continue  # gone meanwhile: look again
                 return foreign
             try:
-                try:
-                    fcntl.flock(fd, operation | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    self._wait_flock(fd, operation, name)
+                self._flock(fd, operation, name)
                 st = os.fstat(fd)
             except BaseException:
                 os.close(fd)
@@ -856,6 +853,13 @@ class FileLockManager(LockManager):
                 problem = "not a regular file" if links == 1 else f"a file with {links} links"
                 return _Foreign(st, problem)
         raise OSError(errno.EAGAIN, "the lock file kept being removed while we opened it", name)
+
+    def _flock(self, fd: int, operation: int, name: str) -> None:
+        """Take ``flock(operation)`` on ``fd`` (the file ``name``), waiting a bounded time."""
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._wait_flock(fd, operation, name)
 
     def _wait_flock(self, fd: int, operation: int, name: str) -> None:
         # Never a blocking flock: bounded, with tiny growing sleeps (the holder needs
@@ -1092,10 +1096,7 @@ class FileLockManager(LockManager):
         """
         fd = self._open_aux(_GUARD, _OPEN_CREATE)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._wait_flock(fd, fcntl.LOCK_EX, _GUARD)
+            self._flock(fd, fcntl.LOCK_EX, _GUARD)
             try:
                 st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -1132,10 +1133,7 @@ class FileLockManager(LockManager):
         except FileNotFoundError:
             return 0
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._wait_flock(fd, fcntl.LOCK_SH, _FENCES)
+            self._flock(fd, fcntl.LOCK_SH, _FENCES)
             raw = os.pread(fd, 8, int(name[:2], 16) * 8)
         finally:
             _unlock_close(fd)
@@ -1148,10 +1146,7 @@ class FileLockManager(LockManager):
             return
         fd = self._open_aux(_FENCES, _OPEN_CREATE)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._wait_flock(fd, fcntl.LOCK_EX, _FENCES)
+            self._flock(fd, fcntl.LOCK_EX, _FENCES)
             slot = int(name[:2], 16) * 8
             raw = os.pread(fd, 8, slot)
             last = int.from_bytes(raw, "big") if len(raw) == 8 else 0
