@@ -91,6 +91,14 @@ def set_age(path: Path, age: float) -> None:
     os.utime(path, (then, then), follow_symlinks=False)
 
 
+def plant_stale_symlink(manager: FileLockManager, key: str) -> Path:
+    """A dangling symlink under ``key``'s lock name, older than the 2 s grace."""
+    path = lock_path(manager, key)
+    path.symlink_to("/nonexistent")
+    set_age(path, 10)
+    return path
+
+
 def dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait(timeout=10)
@@ -1025,9 +1033,7 @@ def test_an_acquirer_waiting_on_a_file_the_cleaner_removes_locks_the_new_file(
 def test_clean_never_removes_a_foreign_entry_replaced_after_its_first_look(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = lock_path(manager, "job")
-    path.symlink_to("/nonexistent")
-    set_age(path, 10)
+    path = plant_stale_symlink(manager, "job")
     real_lstat = manager._lstat_foreign
 
     def lstat_then_replace(name: str, problem: str) -> Any:
@@ -1134,9 +1140,7 @@ def test_fences_file_that_is_not_a_regular_file_is_refused(manager: FileLockMana
 
 
 def test_guard_file_that_is_not_a_regular_file_is_refused(manager: FileLockManager) -> None:
-    path = lock_path(manager, "job")
-    path.symlink_to("/nonexistent")
-    set_age(path, 10)
+    path = plant_stale_symlink(manager, "job")
     os.mkfifo(manager.directory / ".guard", 0o600)
     with pytest.raises(LockBackendUnavailable, match="not a regular file"):
         manager.acquire("job")  # removing a foreign entry takes the guard
@@ -1302,9 +1306,7 @@ def test_acquire_replaces_stale_foreign_entries_and_logs_it(
 def test_foreign_entry_removed_by_somebody_else_meanwhile(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = lock_path(manager, "job")
-    path.symlink_to("/nonexistent")
-    set_age(path, 10)
+    path = plant_stale_symlink(manager, "job")
     real_lstat = manager._lstat_foreign
 
     def lstat_then_vanish(name: str, problem: str) -> Any:
@@ -1367,8 +1369,7 @@ def test_unexpected_open_errors_are_backend_errors(
 @pytest.mark.parametrize("aux", [".fences", ".guard"])
 def test_short_waits_on_the_auxiliary_files(manager: FileLockManager, aux: str) -> None:
     if aux == ".guard":  # the guard is taken to remove a stale foreign entry
-        lock_path(manager, "job").symlink_to("/nonexistent")
-        set_age(lock_path(manager, "job"), 10)
+        plant_stale_symlink(manager, "job")
     else:  # .fences is read for a new file and written by the cleaner
         lease = manager.acquire("other")
         assert lease is not None and manager.release(lease)
