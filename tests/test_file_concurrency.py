@@ -321,9 +321,24 @@ def _handoff_seconds(lock_dir: Path) -> float:
     lease = holder.acquire("job", ttl=30)
     assert lease is not None
     released: list[float] = []
+    waiting_now = threading.Event()
+    make_waiter = waiting._waiter
+
+    def spied_waiter(key: str) -> Any:
+        waiter = make_waiter(key)
+        real_wait = waiter.wait
+
+        def wait(seconds: float) -> bool:
+            waiting_now.set()  # tried once, now waiting: the release must wake (or be polled)
+            return real_wait(seconds)
+
+        waiter.wait = wait  # type: ignore[method-assign]
+        return waiter
+
+    waiting._waiter = spied_waiter  # type: ignore[method-assign]
 
     def release_later() -> None:
-        time.sleep(0.3)  # the waiter has tried once and is waiting
+        assert waiting_now.wait(10)
         assert holder.release(lease)  # type: ignore[arg-type]
         released.append(time.monotonic())
 

@@ -116,7 +116,12 @@ def test_file_cleaner_and_a_contender_for_the_orphan_both_come_out_right(tmp_pat
     assert orphan is not None
     taken: list[Lease | None] = []
     threads: list[threading.Thread] = []
-    original = cleaner_view._stale_reason
+    blocked = threading.Event()
+    original, real_wait = cleaner_view._stale_reason, other._wait_flock
+
+    def wait_flock(*args: Any) -> None:
+        blocked.set()
+        real_wait(*args)
 
     def look_then_contend(*args: Any) -> str | None:
         reason = original(*args)
@@ -124,8 +129,11 @@ def test_file_cleaner_and_a_contender_for_the_orphan_both_come_out_right(tmp_pat
             thread = threading.Thread(target=lambda: taken.append(other.acquire("k", ttl=30)))
             thread.start()
             threads.append(thread)
-            time.sleep(0.1)  # the contender opens the file and waits for its flock
+            # The contender has opened the orphan's file and waits for the cleaner's flock.
+            assert blocked.wait(5)
         return reason
+
+    other._wait_flock = wait_flock  # type: ignore[method-assign]
 
     with mock.patch.object(cleaner_view, "_stale_reason", look_then_contend):
         report = cleaner_view.clean()
