@@ -169,6 +169,11 @@ def _parse(data: bytes) -> dict[str, Any] | int | None:
     return meta
 
 
+def _contents(fd: int, size: int) -> bytes:
+    """The bytes of a lock file of ``size`` bytes, or none when it is empty or over the cap."""
+    return os.pread(fd, size, 0) if 0 < size <= _MAX_BYTES else b""
+
+
 def _free_record(fence: int) -> bytes:
     return b'{"v":1,"fence":%d}' % fence
 
@@ -575,7 +580,7 @@ class FileLockManager(LockManager):
             fd, st = opened
             try:
                 size = st.st_size
-                data = os.pread(fd, size, 0) if 0 < size <= _MAX_BYTES else b""
+                data = _contents(fd, size)
                 if cached is not None and data == cached[0]:
                     # Exactly the bytes we wrote: still ours, unchanged (the common case).
                     alive = cached[1] > _time.clock_gettime(_BOOTTIME)
@@ -608,7 +613,7 @@ class FileLockManager(LockManager):
             fd, st = opened
             try:
                 size = st.st_size
-                data = os.pread(fd, size, 0) if 0 < size <= _MAX_BYTES else b""
+                data = _contents(fd, size)
                 meta = _parse(data)
                 if type(meta) is not dict or meta["token"] != lease.token:
                     return None
@@ -896,7 +901,7 @@ class FileLockManager(LockManager):
         task_name: str | None,
     ) -> Lease | None:
         size = st.st_size
-        data = os.pread(fd, size, 0) if 0 < size <= _MAX_BYTES else b""
+        data = _contents(fd, size)
         now = _time.time()
         now_bt = _time.clock_gettime(_BOOTTIME)
         reason = None
