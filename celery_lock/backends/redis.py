@@ -6,17 +6,22 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import math
+import os
+import threading
 import time as _time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, Final, TypeAlias
 
 import redis
 from redis.backoff import NoBackoff
 from redis.client import PubSub
 from redis.cluster import RedisCluster
+from redis.connection import ConnectionPool
 from redis.exceptions import (
     ClusterError,
     NoScriptError,
@@ -32,6 +37,12 @@ from celery_lock import _identity
 from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
 from celery_lock.errors import LockBackendUnavailable
+
+_metrics_enabled: Callable[[], bool] | None
+try:
+    from redis.observability.recorder import is_enabled as _metrics_enabled
+except ImportError:  # pragma: no cover - redis-py < 8 has no metrics of its own
+    _metrics_enabled = None
 
 __all__ = ["RedisLockManager", "is_connection_error"]
 
@@ -98,6 +109,148 @@ class _Script:
             # The server's script cache is empty after a restart, a failover or SCRIPT FLUSH.
             client.script_load(self.source)
             return client.execute_command("EVALSHA", self.sha, numkeys, *keys_and_args)  # type: ignore[no-untyped-call]
+
+
+#: ``redis.Redis.execute_command`` as this module found it. A client whose class or instance
+#: has a different one (a subclass, a test double, tracing by wrapping) is always called
+#: through it: see :class:`_Line`.
+_PLAIN_EXECUTE: Final = redis.Redis.execute_command
+#: Tracing packages (OpenTelemetry, Sentry, ddtrace) wrap methods with ``wrapt`` or
+#: ``functools.wraps``; both leave ``__wrapped__``.
+_EXECUTE_WRAPPED: Final = hasattr(_PLAIN_EXECUTE, "__wrapped__")
+#: redis-py 5 requires a command name for ``ConnectionPool.get_connection``; 6 and later
+#: deprecate passing one.
+_POOL_WANTS_NAME: Final = (
+    getattr(
+        inspect.signature(ConnectionPool.get_connection).parameters.get("command_name"),
+        "default",
+        None,
+    )
+    is inspect.Parameter.empty
+)
+
+#: A pool bounded below this many connections is left alone: the connection a line keeps would
+#: be a noticeable share of it (redis-py 8's default pool allows 100, its blocking pool 50).
+_LINE_MIN_POOL: Final = 8
+
+#: A line idle for longer (seconds) checks its socket before the next call, as the pool does on
+#: every borrow: closed by the server, or holding stray data, it reconnects first.
+_LINE_IDLE_CHECK: Final = 1.0
+
+#: Bumped in a forked child: a line opened before the fork shares its socket with the parent.
+_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _generation  # noqa: PLW0603
+    _generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _observed() -> bool:
+    """True when redis-py 8's own metrics are switched on (they count per client call)."""
+    if _metrics_enabled is None:
+        return False
+    try:
+        return bool(_metrics_enabled())
+    except Exception:  # noqa: BLE001 - an observability failure must not break locking
+        return True
+
+
+class _Line:
+    """One pooled connection a manager keeps for its scripts, instead of borrowing per call.
+
+    Borrowing costs more than the lock logic itself: redis-py's ``get_connection`` polls the
+    socket for stray data and both it and ``release`` read the pid (two to four system calls,
+    ~7-12 us per command here), and ``Redis.execute_command`` adds ~4 us of bookkeeping. The
+    line skips both and keeps what matters: the connection's own retry policy (the same
+    ``Retry.call_with_retry`` with a disconnect between attempts), its health checks and
+    reconnects, RESP parsing and decoding, and the pool's check for a socket the server closed
+    (done after a pause of ``_LINE_IDLE_CHECK`` instead of before every call).
+
+    It is used only for a plain ``redis.Redis`` (Sentinel masters and fakeredis included) that
+    nothing instruments, on a pool that allows at least ``_LINE_MIN_POOL`` connections: a client
+    with its own ``execute_command`` (subclass, instance patch, a tracing wrapper), a
+    ``single_connection_client``, a Cluster client, a smaller pool or redis-py 8 with metrics on
+    is always called through ``execute_command``. One thread uses the line at a
+    time; the others take the client path meanwhile (never wait). A call cut short by any
+    exception disconnects the connection, so a reply still in flight is never read as the
+    answer to the next command. Not carried into a forked child (a new line opens there).
+    The connection goes back to the pool when the manager is garbage-collected.
+    """
+
+    __slots__ = ("__weakref__", "conn", "dirty", "generation", "lock", "pool", "used")
+
+    def __init__(self, pool: ConnectionPool | None) -> None:
+        self.pool = pool  # None: this client is always called through execute_command
+        self.conn: Any = None  # a redis.connection.Connection (untyped in redis-py)
+        self.dirty = False
+        self.generation = _generation
+        self.lock = threading.Lock()
+        self.used = 0.0  # monotonic time of the last completed call
+
+    @classmethod
+    def open(cls, client: RedisClient) -> _Line:
+        pool = getattr(client, "connection_pool", None)
+        usable = (
+            isinstance(client, redis.Redis)
+            and isinstance(pool, ConnectionPool)
+            and getattr(pool, "max_connections", 0) >= _LINE_MIN_POOL
+            and getattr(client, "connection", None) is None
+            and not _EXECUTE_WRAPPED
+            and not _observed()
+        )
+        return cls(pool if usable else None)
+
+    def evalsha(self, sha: str, numkeys: int, keys_and_args: tuple[str | int | bytes, ...]) -> Any:
+        """EVALSHA on the held connection (the caller holds :attr:`lock`)."""
+        conn = self.conn
+        if conn is None:
+            pool = self.pool
+            assert pool is not None  # callers check it first
+            conn = pool.get_connection("EVALSHA") if _POOL_WANTS_NAME else pool.get_connection()
+            self.conn = conn
+            # Back to the pool with the manager (this line dies with it).
+            weakref.finalize(self, _give_back, pool, conn)
+        elif self.dirty:
+            conn.disconnect()  # an earlier call ended between send and reply
+        elif _time.monotonic() - self.used > _LINE_IDLE_CHECK:
+            # What the pool checks on every borrow, here only after a pause: a server that
+            # closes idle connections (its `timeout`) or stray data would fail this call.
+            try:
+                if conn.can_read():
+                    conn.disconnect()
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                conn.disconnect()  # closed by the server: the send below reconnects
+        command = ("EVALSHA", sha, numkeys, *keys_and_args)
+        self.dirty = True
+        try:
+            reply = conn.retry.call_with_retry(lambda: _round_trip(conn, command), conn.disconnect)
+        except ResponseError:
+            self.dirty = False  # a whole reply was read: the connection is in step
+            raise
+        except BaseException:
+            conn.disconnect()
+            self.dirty = False
+            raise
+        self.dirty = False
+        self.used = _time.monotonic()
+        should_reconnect = getattr(conn, "should_reconnect", None)  # redis-py >= 6
+        if should_reconnect is not None and should_reconnect():  # a maintenance notice
+            conn.disconnect()
+        return reply
+
+
+def _round_trip(conn: Any, command: tuple[Any, ...]) -> Any:
+    conn.send_command(*command)
+    return conn.read_response()
+
+
+def _give_back(pool: ConnectionPool, conn: Any) -> None:
+    with contextlib.suppress(Exception):  # the pool may be closed or belong to our parent
+        pool.release(conn)
 
 
 _ACQUIRE: Final = _Script(
@@ -236,6 +389,12 @@ class RedisLockManager(LockManager):
     Any failure of the store is raised as :class:`LockBackendUnavailable` with the Redis error
     as its ``__cause__``; use :func:`is_connection_error` to tell an outage from other errors.
 
+    The manager keeps one connection of the client's pool for its scripts (see ``_Line``):
+    borrowing one per call costs more than the lock logic. Clients that must see every call (a
+    subclass or instance with its own ``execute_command``, tracing wrappers, redis-py 8 metrics),
+    ``single_connection_client`` clients, Cluster clients and pools bounded below 8 connections
+    are called through ``execute_command`` as usual.
+
     For a client you build yourself, bound its timeouts and retries the way :meth:`from_url`
     does: ``socket_timeout`` (e.g. 2 s), ``socket_connect_timeout`` (e.g. 1 s) and
     ``retry=Retry(NoBackoff(), 1)``. redis-py 8's defaults (5 s timeouts, 10 retries with
@@ -267,6 +426,7 @@ class RedisLockManager(LockManager):
         self._released: dict[str, None] = {}
         #: (lock key, token) of acquires that raised after the server may have run them.
         self._orphans: collections.deque[tuple[str, str]] = collections.deque(maxlen=1024)
+        self._line = _Line.open(client)
 
     @classmethod
     def from_url(
@@ -318,6 +478,26 @@ class RedisLockManager(LockManager):
 
     # ------------------------------------------------------------------ hot path
 
+    def _eval(self, script: _Script, numkeys: int, *keys_and_args: str | int | bytes) -> Any:
+        """Run ``script``: on this manager's :class:`_Line` when it is free, else via the client."""
+        client = self._client
+        line = self._line
+        if line.generation != _generation:
+            line = self._line = _Line.open(client)  # forked: the old socket is the parent's
+        if (
+            line.pool is not None
+            and type(client).execute_command is _PLAIN_EXECUTE
+            and "execute_command" not in client.__dict__
+            and line.lock.acquire(blocking=False)
+        ):
+            try:
+                return line.evalsha(script.sha, numkeys, keys_and_args)
+            except NoScriptError:
+                pass  # the server lost its scripts (restart, failover): the client path loads it
+            finally:
+                line.lock.release()
+        return script(client, numkeys, *keys_and_args)
+
     def _try_acquire(
         self, key: str, ttl: float, token: str, task_id: str | None, task_name: str | None
     ) -> Lease | None:
@@ -335,7 +515,7 @@ class RedisLockManager(LockManager):
         if self._orphans:
             self._reap_orphans()
         try:
-            reply = _ACQUIRE(self._client, 2, *args)
+            reply = self._eval(_ACQUIRE, 2, *args)
         except _CLIENT_ERRORS as exc:
             reply = self._acquire_again(key, args, exc)
         if reply[0] == 0 and self._break_if_dead(key, name, reply[2]):
@@ -355,7 +535,7 @@ class RedisLockManager(LockManager):
         # token makes the retry answer "already ours" instead of "busy" (simstudioai/sim#6864).
         # Without one, a dead holder's lock was just broken.
         try:
-            reply: list[Any] = _ACQUIRE(self._client, 2, *args)
+            reply: list[Any] = self._eval(_ACQUIRE, 2, *args)
         except _CLIENT_ERRORS as exc:
             if error is not None:
                 # Twice no answer: the script may have run (the reply lost), leaving the key
@@ -371,7 +551,7 @@ class RedisLockManager(LockManager):
         while self._orphans:
             name, token = self._orphans[0]
             try:
-                _RELEASE(self._client, 1, name, token, name + ":wake", _TOMBSTONE_TTL_MS)
+                self._eval(_RELEASE, 1, name, token, name + ":wake", _TOMBSTONE_TTL_MS)
             except _CLIENT_ERRORS:
                 return  # still unreachable: try again next time
             with contextlib.suppress(IndexError):
@@ -382,9 +562,7 @@ class RedisLockManager(LockManager):
             return False  # this manager saw it released already: it no longer holds anything
         name = self._name(lease.key)
         try:
-            released = _RELEASE(
-                self._client, 1, name, lease.token, name + ":wake", _TOMBSTONE_TTL_MS
-            )
+            released = self._eval(_RELEASE, 1, name, lease.token, name + ":wake", _TOMBSTONE_TTL_MS)
         except _CLIENT_ERRORS as exc:
             # The lease keeps its token: the caller may retry (redis/redis-py#3847, #4258).
             raise self._unavailable(lease.key, exc) from exc
@@ -406,8 +584,8 @@ class RedisLockManager(LockManager):
         # No client-side expiry check: the script renews only while the server still holds our
         # token, which is exactly "not expired" by the server's clock.
         try:
-            renewed = _EXTEND(
-                self._client, 1, self._name(lease.key), lease.token, math.ceil(ttl * 1000)
+            renewed = self._eval(
+                _EXTEND, 1, self._name(lease.key), lease.token, math.ceil(ttl * 1000)
             )
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(lease.key, exc) from exc
@@ -517,7 +695,7 @@ class RedisLockManager(LockManager):
     def _read(self, key: str | None, name: str) -> tuple[bytes | str, int] | None:
         """``(value, pttl ms)`` of lock ``name`` in one round trip, or None when it is free."""
         try:
-            found = _INSPECT(self._client, 1, name)
+            found = self._eval(_INSPECT, 1, name)
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(key, exc) from exc
         return None if found is None else (found[0], int(found[1]))
@@ -555,7 +733,7 @@ class RedisLockManager(LockManager):
 
     def _compare_and_delete(self, key: str, name: str, value: bytes | str) -> bool:
         try:
-            deleted: int = _BREAK(self._client, 1, name, value, name + ":wake")
+            deleted: int = self._eval(_BREAK, 1, name, value, name + ":wake")
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(key, exc) from exc
         return deleted == 1
