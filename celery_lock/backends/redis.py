@@ -216,14 +216,18 @@ class _Line:
             weakref.finalize(self, _give_back, pool, conn)
         elif self.dirty:
             conn.disconnect()  # an earlier call ended between send and reply
-        elif _time.monotonic() - self.used > _LINE_IDLE_CHECK:
+        elif _conn_open(conn) and _time.monotonic() - self.used > _LINE_IDLE_CHECK:
             # What the pool checks on every borrow, here only after a pause: a server that
             # closes idle connections (its `timeout`) or stray data would fail this call.
             try:
                 if conn.can_read():
                     conn.disconnect()
             except (redis.ConnectionError, redis.TimeoutError, OSError):
-                conn.disconnect()  # closed by the server: the send below reconnects
+                conn.disconnect()  # closed by the server
+        if not _conn_open(conn):
+            # Reconnect the way a borrow does, before and outside the command's retries: the
+            # connect has retries of its own, and nesting the two would stretch a stall.
+            conn.connect()
         command = ("EVALSHA", sha, numkeys, *keys_and_args)
         self.dirty = True
         try:
@@ -241,6 +245,11 @@ class _Line:
         if should_reconnect is not None and should_reconnect():  # a maintenance notice
             conn.disconnect()
         return reply
+
+
+def _conn_open(conn: Any) -> bool:
+    """Whether a redis-py connection has a socket (``is_connected`` exists from redis-py 6)."""
+    return getattr(conn, "_sock", None) is not None
 
 
 def _round_trip(conn: Any, command: tuple[Any, ...]) -> Any:
