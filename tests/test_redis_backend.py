@@ -550,9 +550,7 @@ class Interrupted(BaseException):
     """Stands for an asynchronous exception (a signal handler's) landing mid-call."""
 
 
-@pytest.mark.parametrize(
-    "client_kind", ["fake", pytest.param("real", marks=pytest.mark.redis)], indirect=False
-)
+@pytest.mark.parametrize("client_kind", ["fake", pytest.param("real", marks=pytest.mark.redis)])
 def test_call_cut_short_between_send_and_reply_never_desyncs(
     request: pytest.FixtureRequest, client_kind: str
 ) -> None:
