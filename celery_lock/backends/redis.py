@@ -790,9 +790,10 @@ class _PubSubWaiter(Waiter):
         self._pubsub: PubSub | None = None
         pubsub = None
         try:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            # redis-py's annotations of these differ between releases (8.1 / 8.2).
+            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
             pubsub.subscribe(channel)
-            pubsub.parse_response(block=False, timeout=self._slice)
+            pubsub.parse_response(block=False, timeout=self._slice)  # type: ignore[no-untyped-call,unused-ignore]
         except _CLIENT_ERRORS as exc:
             # Pub/sub refused (a proxy without it, ACLs) or the server is going away: poll.
             if log.isEnabledFor(logging.DEBUG):
