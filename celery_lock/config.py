@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from celery_lock import _fork
 from celery_lock._validate import check_ttl
 from celery_lock.backends.file import FileLockManager
 from celery_lock.backends.hybrid import HybridLockManager
@@ -311,13 +312,13 @@ class TaskLockOptions:
 class _AppState:
     """What one app needs at run time: its settings and its manager (one per process)."""
 
-    __slots__ = ("__weakref__", "manager", "mutex", "pid", "settings")
+    __slots__ = ("__weakref__", "generation", "manager", "mutex", "settings")
 
     def __init__(self) -> None:
         self.mutex = threading.Lock()
         self.settings: LockSettings | None = None
         self.manager: LockManager | None = None
-        self.pid = 0
+        self.generation = -1
 
 
 _states: weakref.WeakKeyDictionary[Celery, _AppState] = weakref.WeakKeyDictionary()
@@ -350,17 +351,17 @@ def get_manager(app: Celery) -> LockManager:
     """The app's lock manager in this process.
 
     Built on first use and cached; a forked child (prefork pool, or any ``fork``) builds its
-    own, so no process ever uses a connection or descriptor inherited from its parent (the pid
+    own, so no process ever uses a connection or descriptor inherited from its parent (the fork
     check covers ``worker_process_init`` and forks Celery does not announce alike).
     """
     state = _state(app)
     manager = state.manager
-    pid = os.getpid()
-    if manager is None or state.pid != pid:
+    generation = _fork.generation()
+    if manager is None or state.generation != generation:
         settings = get_settings(app)
         with state.mutex:
             manager = state.manager
-            if manager is None or state.pid != pid:
+            if manager is None or state.generation != generation:
                 app_ref = weakref.ref(app)
 
                 def on_transition(status: str, exc: BaseException | None) -> None:
@@ -369,16 +370,14 @@ def get_manager(app: Celery) -> LockManager:
                         lock_fallback.send(sender=sender, state=status, exc=exc)
 
                 manager = settings.build_manager(on_transition)
-                state.manager, state.pid = manager, pid
+                state.manager, state.generation = manager, generation
     return manager
 
 
-def _after_fork_in_child() -> None:
+@_fork.in_child
+def _reset_after_fork() -> None:
     global _states_mutex  # noqa: PLW0603
     # A lock held by another thread of the parent at fork time would never be released here.
     _states_mutex = threading.Lock()
     for state in list(_states.values()):
         state.mutex = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import threading
 import time as _time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
+
+from celery_lock import _fork
 
 if TYPE_CHECKING:
     from celery_lock._base import LockManager
@@ -97,7 +98,7 @@ class Renewer:
         self._heap: list[tuple[float, int, RenewalHandle]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
+        self._generation = _fork.generation()
         #: Registered handles neither cancelled nor lost.
         self._live = 0
 
@@ -236,19 +237,17 @@ def get_renewer() -> Renewer:
     """The process's renewer (a forked child gets a fresh one: threads do not survive fork)."""
     global _renewer  # noqa: PLW0603 - one per process by design
     renewer = _renewer
-    if renewer is None or renewer._pid != os.getpid():
+    if renewer is None or renewer._generation != _fork.generation():
         with _renewer_lock:
             renewer = _renewer
-            if renewer is None or renewer._pid != os.getpid():
+            if renewer is None or renewer._generation != _fork.generation():
                 renewer = _renewer = Renewer()
     return renewer
 
 
-def _after_fork_in_child() -> None:
+@_fork.in_child
+def _reset_after_fork() -> None:
     global _renewer, _renewer_lock  # noqa: PLW0603
     # The parent's thread does not exist here and its lock may have been held mid-fork.
     _renewer = None
     _renewer_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

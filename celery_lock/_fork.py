@@ -1,0 +1,43 @@
+"""Fork handling in one place: a generation number that changes in every forked child, and
+callbacks that reset per-process state there.
+
+A process forked while another thread held one of our mutexes, a socket or an inotify instance
+must not use the parent's copy: a mutex could stay locked for ever, a shared socket would mix two
+conversations. Objects that must not cross a fork remember :func:`generation` when they are made
+and compare it before use (cheaper than ``os.getpid()``, which is a system call); module state is
+reset by a callback registered with :func:`in_child`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+__all__ = ["generation", "in_child"]
+
+_F = TypeVar("_F", bound=Callable[[], None])
+
+_generation = 0
+_callbacks: list[Callable[[], None]] = []
+
+
+def generation() -> int:
+    """A number that differs in a forked child from its parent's."""
+    return _generation
+
+
+def in_child(callback: _F) -> _F:
+    """Call ``callback()`` in every child forked from now on (usable as a decorator)."""
+    _callbacks.append(callback)
+    return callback
+
+
+def _after_fork_in_child() -> None:
+    global _generation  # noqa: PLW0603 - one counter per process by design
+    _generation += 1
+    for callback in _callbacks:
+        callback()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
