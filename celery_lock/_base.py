@@ -153,15 +153,26 @@ class LockManager(abc.ABC):
         return self._iter_locks()
 
     def break_lock(
-        self, key: str, *, task_id: str | None = None, only_if_dead: bool = False
+        self,
+        key: str,
+        *,
+        task_id: str | None = None,
+        token_prefix: str | None = None,
+        only_if_dead: bool = False,
     ) -> bool:
         """Delete the lock on ``key`` by compare-and-delete on its current holder's exact token.
 
         :param task_id: only if the holder recorded this Celery task id.
+        :param token_prefix: only if the holder's token starts with this (``LockInfo.token_prefix``
+            of the holder you inspected: the lock is not broken if it changed hands since).
         :param only_if_dead: only if the holder is provably dead (same host, pid gone).
         :returns: True when a lock was deleted.
         """
-        return self._break(check_key(key), task_id=task_id, only_if_dead=only_if_dead)
+        if token_prefix is not None and (not isinstance(token_prefix, str) or not token_prefix):
+            raise ValueError(f"token_prefix must be a non-empty str or None, got {token_prefix!r}")
+        return self._break(
+            check_key(key), task_id=task_id, token_prefix=token_prefix, only_if_dead=only_if_dead
+        )
 
     @contextlib.contextmanager
     def lock(
@@ -239,7 +250,9 @@ class LockManager(abc.ABC):
     def _iter_locks(self) -> Iterator[LockInfo]: ...
 
     @abc.abstractmethod
-    def _break(self, key: str, *, task_id: str | None, only_if_dead: bool) -> bool: ...
+    def _break(
+        self, key: str, *, task_id: str | None, token_prefix: str | None, only_if_dead: bool
+    ) -> bool: ...
 
     def _waiter(self, key: str) -> Waiter:  # noqa: ARG002 - hook signature
         """A waiter for QUEUE mode; the default polls."""

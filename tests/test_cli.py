@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 
 from celery_lock.cli import locks
 from celery_lock.config import get_manager
-from tests._redis_server import RedisServer
+from tests._redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
 
@@ -143,3 +144,133 @@ def test_clean_removes_only_dead_holders(app: Celery, manager: Any) -> None:
     assert result.output.strip() == "scanned 4, removed 2, kept 2, errors 0"
     assert not manager.is_locked("proj.dead:1")
     assert manager.is_locked("proj.live:1")
+
+
+# ---------------------------------------------------------------- exit codes and bad input
+
+#: Apps whose lock Redis does not answer (a port nobody listens on): with the file fallback,
+#: and failing closed. Configured by the ``down`` fixture.
+down_app = Celery("tests.test_cli.down", set_as_current=False)
+closed_app = Celery("tests.test_cli.closed", set_as_current=False)
+
+
+@pytest.fixture(scope="module")
+def down(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    base = tmp_path_factory.mktemp("cli-down")
+    down_app.conf.update(
+        broker_url="memory://", lock_redis_url=dead, lock_directory=str(base / "a")
+    )
+    closed_app.conf.update(
+        broker_url="memory://",
+        lock_redis_url=dead,
+        lock_fallback=None,
+        lock_directory=str(base / "b"),
+    )
+    celery.add_command(locks)
+    yield get_manager(down_app)
+    down_app.close()
+    closed_app.close()
+
+
+def run_app(app: str, *args: str, input: str | None = None) -> Any:  # noqa: A002
+    return CliRunner().invoke(
+        celery, ["-A", f"tests.test_cli:{app}", "locks", *args], input=input, catch_exceptions=False
+    )
+
+
+@pytest.mark.parametrize("command", ["show", "release"])
+@pytest.mark.parametrize("key", ["", "k" * 70_000, "a\x00b"])
+def test_a_bad_key_is_one_line_and_exit_2(app: Celery, command: str, key: str) -> None:
+    """Bad usage: exit status 2 and a single error line, never a traceback."""
+    result = run(command, key, "--yes") if command == "release" else run(command, key)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: invalid lock key:")
+    assert "Traceback" not in result.output
+
+
+def test_show_prints_times_readably(manager: Any) -> None:
+    manager.acquire("proj.t:1", ttl=60, task_id="id-t", task_name="proj.t")
+    text = run("show", "proj.t:1").stdout
+    fields = dict(line.split(": ", 1) for line in text.strip().splitlines())
+    assert fields["acquired_at"].endswith("s ago)") and " UTC (" in fields["acquired_at"]
+    assert fields["expires_at"].startswith(time.strftime("%Y-", time.gmtime()))
+    assert fields["expires_at"].endswith("s)") and "(in " in fields["expires_at"]
+    raw = json.loads(run("show", "proj.t:1", "--json").stdout)
+    assert isinstance(raw["expires_at"], float)  # --json keeps the numbers
+
+
+def test_unreachable_redis_is_exit_3_and_file_locks_still_show(down: Any) -> None:
+    """An operator must tell "nothing is locked" from "I could not look"."""
+    down.file.acquire("proj.f:1", ttl=60, task_id="id-f", task_name="proj.f")
+    listed = run_app("down_app", "list")
+    assert listed.exit_code == 3
+    assert "proj.f:1" in listed.stdout and "file" in listed.stdout
+    assert "the redis lock store could not be read" in listed.stderr
+    shown = run_app("down_app", "show", "proj.f:1")
+    assert shown.exit_code == 3 and "task_id: id-f" in shown.stdout
+    missing = run_app("down_app", "show", "proj.nope")
+    assert missing.exit_code == 3
+    assert "not locked in the stores that could be read" in missing.stdout
+    cleaned = run_app("down_app", "clean")
+    assert cleaned.exit_code == 3 and "errors 1" in cleaned.stdout
+    released = run_app("down_app", "release", "proj.f:1", "--yes")
+    assert released.exit_code == 3 and "released" in released.stdout
+    assert not down.file.is_locked("proj.f:1")
+
+
+def test_fail_closed_store_unreachable_is_never_nothing_locked(down: Any) -> None:
+    listed = run_app("closed_app", "list")
+    assert listed.exit_code == 3
+    assert "No locks held." not in listed.stdout
+    assert run_app("closed_app", "show", "proj.x").exit_code == 3
+    assert run_app("closed_app", "clean").exit_code == 3
+
+
+def test_clean_with_errors_exits_1_and_warnings_are_formatted(
+    app: Celery, manager: Any, monkeypatch: Any
+) -> None:
+    """A value under our prefix that is not ours is kept and counted as an error; the warning
+    about it reaches stderr with its level and logger name."""
+    # As in a real `celery` process, where nothing configured logging (pytest's own capture
+    # handlers would otherwise count as configured logging, and the CLI adds none).
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    ours = logging.getLogger("celery_lock")
+    monkeypatch.setattr(ours, "handlers", [])
+    monkeypatch.setattr(ours, "level", logging.NOTSET)
+    client = module_client(app)
+    client.set("celery_lock:{junk}", "not a lock value", px=60_000)
+    try:
+        result = run("clean")
+        assert result.exit_code == 1
+        assert "errors 1" in result.stdout
+        assert "WARNING celery_lock.redis: kept lock celery_lock:{junk}" in result.stderr
+    finally:
+        client.delete("celery_lock:{junk}")
+        client.close()
+
+
+def test_release_deletes_only_the_holder_it_showed(manager: Any, monkeypatch: Any) -> None:
+    """A holder without a task id: if the lock changes hands between show and confirm, the new
+    holder is left alone (compare-and-delete on the token shown, not on the key)."""
+    first = manager.acquire("proj.n:1", ttl=60)
+
+    def swap_then_confirm(*_: Any, **__: Any) -> bool:
+        manager.release(first)
+        assert manager.acquire("proj.n:1", ttl=60) is not None  # someone else, no task id
+        return True
+
+    monkeypatch.setattr("click.confirm", swap_then_confirm)
+    result = run("release", "proj.n:1")
+    assert result.exit_code == 1
+    assert "not released" in result.stdout
+    assert manager.is_locked("proj.n:1")
+
+
+def module_client(app: Celery) -> Any:
+    """A plain client of the app's lock Redis."""
+    import redis
+
+    return redis.Redis.from_url(app.conf.lock_redis_url)

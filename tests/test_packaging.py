@@ -13,11 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 import celery_lock
 from celery_lock import signals
 from celery_lock.config import OPTION_NAMES, SETTING_NAMES, LockSettings
+from tests._redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -123,3 +128,27 @@ def test_wheel_installs_into_a_clean_virtualenv_and_the_cli_works(tmp_path: Path
     )  # fmt: skip
     assert listed.returncode == 0, listed.stderr
     assert "No locks held." in listed.stdout
+
+    def locks(*args: str, **more_env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(env_dir / "bin" / "celery"), "-A", "example_project.celery_app", "locks", *args],
+            cwd=work, env={**env, **more_env}, capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
+
+    # The exit statuses the README documents, from the installed command.
+    for bad in ("", "k" * 70_000):
+        shown = locks("show", bad)
+        assert shown.returncode == 2, shown.stderr
+        assert shown.stderr.strip().startswith("Error: invalid lock key:"), shown.stderr
+        assert "Traceback" not in shown.stderr
+    assert locks("show", "nightly").returncode == 1
+    assert locks("release", "nightly", "--yes").returncode == 1
+    # The lock Redis unreachable (nobody listens on that port): 3, never "No locks held."
+    down = {"EXAMPLE_REDIS": "on", "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    listed_down = locks("list", **down)
+    assert listed_down.returncode == 3, listed_down.stderr
+    assert "No locks held." not in listed_down.stdout
+    assert "could not be read" in listed_down.stderr
+    assert locks("show", "nightly", **down).returncode == 3
+    assert locks("clean", **down).returncode == 3

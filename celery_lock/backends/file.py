@@ -659,7 +659,11 @@ class FileLockManager(LockManager):
                 continue
             yield self._info(entry, entry.meta["key"])
 
-    def _break(self, key: str, *, task_id: str | None, only_if_dead: bool) -> bool:
+    def _break(
+        self, key: str, *, task_id: str | None, token_prefix: str | None, only_if_dead: bool
+    ) -> bool:
+        # A condition on the holder (task id, token, death) can only hold for a readable record.
+        conditional = task_id is not None or token_prefix is not None or only_if_dead
         name = self._name(key)
         try:
             opened = self._open_locked(name, _OPEN_WRITE)
@@ -668,7 +672,7 @@ class FileLockManager(LockManager):
             if isinstance(opened, _Foreign):
                 # Not a lock file: no task id to match, no death to prove; a stale one is the
                 # cleaner's job. Only an unconditional break takes a fresh one away.
-                if task_id is not None or only_if_dead or self._foreign_is_stale(opened):
+                if conditional or self._foreign_is_stale(opened):
                     return False
                 if not self._unlink_foreign(name, opened):
                     return False
@@ -682,7 +686,7 @@ class FileLockManager(LockManager):
                     if meta is None:
                         if entry.problem is None:
                             return False  # free: nothing to break
-                        if task_id is not None or only_if_dead or self._stale_reason(entry):
+                        if conditional or self._stale_reason(entry):
                             return False
                         fence = self._last_fence(name)
                         reason = "broken on request (unreadable)"
@@ -691,6 +695,8 @@ class FileLockManager(LockManager):
                         if _remaining(meta, now, _time.clock_gettime(_BOOTTIME)) <= 0:
                             return False  # expired: no lock to break (as on Redis)
                         if task_id is not None and meta.get("task_id") != task_id:
+                            return False
+                        if token_prefix is not None and not meta["token"].startswith(token_prefix):
                             return False
                         if only_if_dead and not _identity.holder_is_dead(meta):
                             return False

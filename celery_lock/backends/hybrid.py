@@ -330,16 +330,25 @@ class HybridLockManager(LockManager):
                 if (info.key, info.token_prefix) not in shadows:  # a Redis lease's shadow
                     yield info
 
-    def _break(self, key: str, *, task_id: str | None, only_if_dead: bool) -> bool:
+    def _break(
+        self, key: str, *, task_id: str | None, token_prefix: str | None, only_if_dead: bool
+    ) -> bool:
         broken = False
         redis = self._redis_due()
         if redis is not None:
             with contextlib.suppress(LockBackendUnavailable):
                 broken = self._via_redis(
-                    lambda: redis._break(key, task_id=task_id, only_if_dead=only_if_dead)
+                    lambda: redis._break(
+                        key, task_id=task_id, token_prefix=token_prefix, only_if_dead=only_if_dead
+                    )
                 )
         if self._file is not None:
-            broken = self._file._break(key, task_id=task_id, only_if_dead=only_if_dead) or broken
+            broken = (
+                self._file._break(
+                    key, task_id=task_id, token_prefix=token_prefix, only_if_dead=only_if_dead
+                )
+                or broken
+            )
         return broken
 
     def clean(self, *, dry_run: bool = False) -> CleanReport:

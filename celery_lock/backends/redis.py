@@ -622,13 +622,17 @@ class RedisLockManager(LockManager):
             parsed = _parse(found[0])
             yield self._info(_key_of(parsed, tag), parsed, found[1], now)
 
-    def _break(self, key: str, *, task_id: str | None, only_if_dead: bool) -> bool:
+    def _break(
+        self, key: str, *, task_id: str | None, token_prefix: str | None, only_if_dead: bool
+    ) -> bool:
         name = self._name(key)
         found = self._read(key, name)
         if found is None:
             return False
         parsed = _parse(found[0])
         if task_id is not None and (parsed is None or parsed[2].get("task_id") != task_id):
+            return False
+        if token_prefix is not None and (parsed is None or not parsed[0].startswith(token_prefix)):
             return False
         if only_if_dead and (parsed is None or not _identity.holder_is_dead(parsed[2])):
             return False
