@@ -1,7 +1,7 @@
 """celery_lock: owner-safe, fenced, crash-aware locks for Celery tasks (Redis, file fallback).
 
 The lock layer (managers, leases, cleaner) never imports Celery; the Celery names
-(:class:`LockedTask`, :func:`install`) are imported on first use.
+(:class:`LockedTask`, :func:`install`, :func:`get_manager`) are imported on first use.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from celery_lock.modes import LockMode
 from celery_lock.renewer import Renewer, get_renewer
 
 if TYPE_CHECKING:
+    from celery_lock.config import get_manager
     from celery_lock.task import LockedTask, install
 
 try:
@@ -53,11 +54,16 @@ __all__ = [
     "RedisLockManager",
     "Renewer",
     "__version__",
+    "get_manager",
     "get_renewer",
     "install",
 ]
 
-_LAZY = {"LockedTask": "celery_lock.task", "install": "celery_lock.task"}
+_LAZY = {
+    "LockedTask": "celery_lock.task",
+    "get_manager": "celery_lock.config",
+    "install": "celery_lock.task",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,9 @@
 """Settings: the app's ``lock_*`` configuration, per-task options, and the app's lock manager.
 
-Precedence, applied here and nowhere else: task option (``@app.task`` keyword or subclass
-attribute) > ``task_annotations`` > app setting (``app.conf.lock_*``) > library default.
+Precedence: ``task_annotations`` > task option (``@app.task`` keyword or subclass attribute) >
+app setting (``app.conf.lock_default_*``) > library default. Celery itself applies annotations
+to the task class when it binds, over whatever the class or the decorator said; this module
+resolves what the task then holds against the app settings, and nowhere else.
 
 Settings are read lazily with ``app.conf.get(key, default)``, so an app that never configures
 them works (Celery's ``Task.from_config`` would raise ``KeyError`` for an unregistered key), and
@@ -13,9 +15,13 @@ configure the app before that, as for Celery's own settings that tasks read when
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import math
 import os
+import tempfile
 import threading
+import urllib.parse
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
@@ -44,6 +50,7 @@ __all__ = [
     "TaskLockOptions",
     "get_manager",
     "get_settings",
+    "warn_if_host_local",
 ]
 
 #: What an EXECUTION-mode duplicate does: not run (SUCCESS, None), fail, or Celery ``Ignore``.
@@ -122,6 +129,14 @@ def _flag(value: object, what: str) -> bool:
     return value
 
 
+def _without_credentials(url: str) -> str:
+    """``url`` with any ``user:password@`` removed (it names the store, not who logs in)."""
+    parts = [urllib.parse.urlsplit(part.strip()) for part in url.split(";")]
+    return ";".join(
+        urllib.parse.urlunsplit(p._replace(netloc=p.netloc.rpartition("@")[2])) for p in parts
+    )
+
+
 def _broker_redis_url(broker_url: object) -> str | None:
     """The broker URL when its server can hold the locks (first one of a failover list)."""
     if isinstance(broker_url, (list, tuple)):
@@ -144,7 +159,7 @@ class LockSettings:
     #: ``lock_redis_url``: where locks live; None → file locks only. Default: the broker URL
     #: when the broker is Redis (``redis://``, ``rediss://``, ``unix://``, ``redis+socket://``).
     redis_url: str | None = None
-    #: ``lock_directory``: the lock-file folder itself (None: a private folder in the temp dir).
+    #: ``lock_directory``: the lock-file folder itself (None: :meth:`default_directory`).
     directory: str | None = None
     #: ``lock_default_ttl``: lease seconds for tasks without ``lock_ttl``.
     default_ttl: float = 300.0
@@ -234,6 +249,24 @@ class LockSettings:
             ),
         )
 
+    @property
+    def lock_directory(self) -> str:
+        """The lock-file folder: ``lock_directory``, else :meth:`default_directory`."""
+        return self.directory if self.directory is not None else self.default_directory()
+
+    def default_directory(self) -> str:
+        """``<tempdir>/celery_lock-<uid>-<digest>``: private to this user and to this deployment.
+
+        The digest covers the key prefix and the lock store (the Redis URL without credentials,
+        or "files"), so two deployments on one host (production and staging, each with its own
+        ``lock_redis_url`` or ``lock_key_prefix``) never share lock files, neither as their
+        fallback locks nor as the hybrid's same-host shadow locks. Apps of one deployment (same
+        store and prefix) share a folder, as they share their Redis keys.
+        """
+        store = "files" if self.redis_url is None else _without_credentials(self.redis_url)
+        digest = hashlib.sha256(f"{store}\n{self.key_prefix}".encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), f"celery_lock-{os.geteuid()}-{digest}")
+
     def build_manager(
         self, on_transition: Callable[[str, BaseException | None], object] | None = None
     ) -> LockManager:
@@ -245,12 +278,12 @@ class LockSettings:
         WARNING and no timeout per task; no Redis URL: a :class:`FileLockManager`.
         """
         if self.redis_url is None:
-            return FileLockManager(self.directory, default_ttl=self.default_ttl)
+            return FileLockManager(self.lock_directory, default_ttl=self.default_ttl)
         redis = RedisLockManager.from_url(
             self.redis_url, prefix=self.key_prefix, default_ttl=self.default_ttl
         )
         files = (
-            FileLockManager(self.directory, default_ttl=self.default_ttl)
+            FileLockManager(self.lock_directory, default_ttl=self.default_ttl)
             if self.fallback == "file"
             else None
         )
@@ -372,6 +405,38 @@ def get_manager(app: Celery) -> LockManager:
                 manager = settings.build_manager(on_transition)
                 state.manager, state.generation = manager, generation
     return manager
+
+
+def warn_if_host_local(app: Celery) -> bool:
+    """Log one WARNING when ``app``'s locks live only in local files (no Redis for locks).
+
+    Called when a worker starts: such locks exclude only processes on one host, so a deployment
+    with workers on two hosts runs duplicates, and nothing else would tell. Returns True when
+    it warned.
+    """
+    settings = get_settings(app)
+    if settings.redis_url is not None:
+        return False
+    logging.getLogger("celery_lock.config").warning(
+        "celery_lock: the locks of app %r are local files in %s, because lock_redis_url is not "
+        "set and the broker (%s) is not Redis: they exclude only processes on this host, so "
+        "workers on other hosts can run the same task at once. Set lock_redis_url to a Redis "
+        "server that all workers share (redis://, rediss://, unix://, sentinel://, "
+        "redis+cluster://).",
+        app.main,
+        settings.lock_directory,
+        _scheme(app.conf.broker_url),
+        extra={"backend": "file"},
+    )
+    return True
+
+
+def _scheme(url: object) -> str:
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else None
+    if not isinstance(url, str) or not url:
+        return "not set"
+    return url.split("://", 1)[0] + "://" if "://" in url else url.split(";", 1)[0]
 
 
 @_fork.in_child

@@ -15,6 +15,7 @@ lock deleted at once by compare-and-delete on that task's own holder entry.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import random
@@ -33,7 +34,13 @@ from celery.exceptions import Ignore, TimeLimitExceeded
 from celery.utils.log import get_logger
 
 from celery_lock.beat import register_cleanup
-from celery_lock.config import OPTION_NAMES, LockSettings, TaskLockOptions, get_manager
+from celery_lock.config import (
+    OPTION_NAMES,
+    LockSettings,
+    TaskLockOptions,
+    get_manager,
+    warn_if_host_local,
+)
 from celery_lock.config import get_settings as _get_settings
 from celery_lock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_lock.modes import LockMode
@@ -565,4 +572,18 @@ def install(app: Celery) -> None:
     celery_signals.task_revoked.connect(
         _on_task_revoked, weak=False, dispatch_uid="celery_lock.task_revoked"
     )
+    # Sent once the worker's logging is set up (worker_init comes before it: a warning sent
+    # then would reach no handler of the worker's).
+    celery_signals.celeryd_after_setup.connect(
+        _on_worker_setup, weak=False, dispatch_uid="celery_lock.worker_setup"
+    )
     register_cleanup(app)
+
+
+def _on_worker_setup(instance: object = None, **_: object) -> None:
+    # Once per worker start, in its main process: host-local locks are a silent hazard.
+    app = getattr(instance, "app", None)
+    if app is not None and app in _installed_apps:
+        # Invalid settings: the tasks report them, with their names, when they bind.
+        with contextlib.suppress(TypeError, ValueError):
+            warn_if_host_local(app)
