@@ -122,6 +122,8 @@ def test_url_kind_rejects_with_a_redacted_url(url: str, words: list[str]) -> Non
         (("sentinel://:pw@h:1", "sentinel://h:2"), "sentinel://:pw@h:1;sentinel://h:2"),
         ("amqp://guest@h//", None),
         ("filesystem://", None),
+        ("localhost", None),
+        ("sentinel://h:1;localhost", "sentinel://h:1"),
         ("", None),
         (None, None),
         (42, None),

@@ -166,13 +166,12 @@ def broker_lock_url(broker_url: object) -> str | None:
     if not isinstance(broker_url, str) or not broker_url.strip():
         return None
     parts = _parts(broker_url)
-    scheme = _scheme(parts[0])
-    if scheme == "sentinel":
-        sentinels = [p for p in parts if _scheme(p) == "sentinel"]
-        return ";".join(sentinels)
-    if scheme in _SINGLE or scheme == _KOMBU_SOCKET:
+    schemes = [part.partition("://")[0].lower() if "://" in part else "" for part in parts]
+    if schemes[0] == "sentinel":
+        return ";".join(p for p, s in zip(parts, schemes, strict=True) if s == "sentinel")
+    if schemes[0] in _SINGLE or schemes[0] == _KOMBU_SOCKET:
         return parts[0]
-    return None
+    return None  # another broker, or a spelling kombu resolves itself (e.g. "localhost")
 
 
 def client_from_url(
