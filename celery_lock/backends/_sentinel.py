@@ -209,41 +209,50 @@ class SwitchWatcher:
 
         :returns: True when it replaced a hint that named another address (the master moved).
         """
+        accepted, previous = self._accept(view)
+        return accepted and previous is not None and previous.address != view.address
+
+    def _accept(self, view: MasterView) -> tuple[bool, MasterView | None]:
         with self._mutex:
             hint = self._hint
             if hint is not None and view.epoch <= hint.epoch:
-                return False  # announced again by another sentinel, or older than we know
+                return False, hint  # announced again by another sentinel, or older
             self._hint = view
-            return hint is not None and view.address != hint.address
+            return True, hint
 
     def _consider(self, client: redis.Redis, name: str) -> None:
-        """Read ``client``'s view of the master; when it is newer than the hint and the pool
-        may be connected elsewhere, disconnect every connection of the pool."""
+        """Read ``client``'s view of the master; when it is newer than the hint and names
+        another master, disconnect every connection of the pool."""
         view = _view(self._sentinel, client, self._service_name)
         if view is None:
             return
-        moved = self.offer(view)
+        accepted, previous = self._accept(view)
         pool = self._pool() if self._pool is not None else None
-        if pool is None:
+        if not accepted or pool is None:
+            return  # the other sentinels repeat a switch already acted on: nothing to do
+        if previous is not None:
+            moved = previous.address != view.address
+        else:
+            # The first view (at start-up): the pool may be connected elsewhere if a switch
+            # happened while nobody watched.
+            master = getattr(pool, "master_address", None)  # SentinelConnectionPool's
+            moved = master is not None and tuple(master) != view.address
+        if not moved:
             return
-        # The first view read at start-up only sets the hint, unless the pool is connected to
-        # another address (a switch happened while nobody watched). A real switch disconnects
-        # every connection, also those in use: redis-py itself closes only idle ones, and only
-        # once it asks the sentinels again.
-        master = getattr(pool, "master_address", None)  # SentinelConnectionPool's property
-        if moved or (master is not None and tuple(master) != view.address):
-            with self._mutex:
-                self.switches += 1
-            _log.info(
-                "Sentinel %s: master %r is now %s:%s (config epoch %s); reconnecting",
-                name,
-                self._service_name,
-                view.address[0],
-                view.address[1],
-                view.epoch,
-                extra={"backend": "redis"},
-            )
-            pool.disconnect()
+        with self._mutex:
+            self.switches += 1
+        _log.info(
+            "Sentinel %s: master %r is now %s:%s (config epoch %s); reconnecting",
+            name,
+            self._service_name,
+            view.address[0],
+            view.address[1],
+            view.epoch,
+            extra={"backend": "redis"},
+        )
+        # Every connection, also those in use (a manager keeps one for its scripts):
+        # redis-py itself closes only idle ones, and only once it asks the sentinels again.
+        pool.disconnect()
 
     def _reached(self, name: str) -> None:
         with self._mutex:

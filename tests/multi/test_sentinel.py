@@ -286,4 +286,5 @@ def test_follows_a_graceful_failover_within_one_second(sentinel_group: SentinelG
         f"the first {late_on_old[:3]} s after it"
     )
     assert on_new_only, "no grant reached the new master"
+    assert watcher.switches == 1  # three sentinels announced one switch: one reconnect
     assert min(on_new_only) < 1.0
