@@ -28,8 +28,8 @@ The watcher starts on the first connection of the master client (``discover_mast
 on the first connection in a forked child (reset by ``_fork.in_child``: the parent's threads do
 not exist there and the parent's pub/sub sockets must not be used) and after
 :meth:`FollowingMaster.close`; it stops when the client is closed or its pool is
-garbage-collected. A sentinel it cannot reach is tried
-again with a bounded back-off, and each loss and recovery of a sentinel is logged once.
+garbage-collected. A sentinel it cannot reach is tried again with a bounded back-off, and each
+loss and recovery of a sentinel is logged once (WARNING, then INFO).
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ class SwitchWatcher:
         self._pool: weakref.ReferenceType[ConnectionPool] | None = None
         #: Newest view announced or read so far (highest config epoch), or None.
         self._hint: MasterView | None = None
-        #: Stop flag of the running threads; None while stopped. A new flag per start, so a
-        #: thread of an earlier start never outlives a stop and restart.
+        #: Stop flag of the current threads (set when they are asked to stop; None before the
+        #: first start). A new flag per start, so a thread of an earlier start, still ending,
+        #: never keeps running after a stop and restart.
         self._stop: threading.Event | None = None
         self._threads: list[threading.Thread] = []
         #: Sentinels (by "host:port") this watcher currently cannot reach, for log-once.
