@@ -9,6 +9,7 @@ in-process line of QUEUE waiters (``_waitline``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -40,6 +41,12 @@ _KEEP_FREE = 256
 #: CLOCK_BOOTTIME where the platform has it (Linux); elsewhere leases are judged on the wall
 #: clock only and records carry no ``bt_expires``.
 _BOOTTIME: Final[int | None] = getattr(_time, "CLOCK_BOOTTIME", None)
+#: Records a manager remembers having written, by token, so that the release of an unchanged
+#: record compares bytes instead of parsing JSON (~4 µs of a ~27 µs cycle: bench_locks put the
+#: cycle at 2.5-3.4x filelock's without it, too close to the 2.5x floor). Bounded: leases
+#: never released (lost, leaked) must not grow it; a forgotten lease is released by parsing.
+#: Not Final: tests shorten it.
+_WRITTEN_CACHE = 4096
 
 
 def _boottime() -> float | None:
@@ -113,6 +120,8 @@ class FileLockManager(LockManager):
         self._lines = Lines()
         #: Names of files this manager freed, oldest first (see _KEEP_FREE).
         self._freed: dict[str, None] = {}
+        #: token -> (record bytes as last written by this manager, that record).
+        self._written: dict[str, tuple[bytes, dict[str, Any]]] = {}
         _lockdir.warn_if_network(self._path, self._log)
 
     @property
@@ -183,6 +192,7 @@ class FileLockManager(LockManager):
             raise self._unavailable(exc, key) from exc
 
     def _release(self, lease: Lease) -> bool:
+        written = self._written.pop(lease.token, None)
         key = lease.key
         name = file_name(key)
         try:
@@ -192,9 +202,12 @@ class FileLockManager(LockManager):
             fd, st = opened
             try:
                 data = _filerecord.read(fd, st.st_size)
-                meta = _filerecord.parse(data)
-                if type(meta) is not dict or meta["token"] != lease.token:
-                    return False
+                if written is not None and data == written[0]:
+                    meta: Any = written[1]  # exactly what we wrote: ours, unchanged
+                else:
+                    meta = _filerecord.parse(data)
+                    if type(meta) is not dict or meta["token"] != lease.token:
+                        return False
                 alive = _filerecord.remaining(meta, _time.time(), _boottime()) > 0
                 # Our record goes even when it expired (nobody took it over, or the token would
                 # differ); only a lease that was still valid reports success.
@@ -229,7 +242,8 @@ class FileLockManager(LockManager):
                     meta.pop("bt_expires", None)
                 else:
                     meta["bt_expires"] = now_bt + ttl
-                _filerecord.write(fd, _filerecord.encode(meta), data, st.st_size)
+                content = _filerecord.write(fd, _filerecord.encode(meta), data, st.st_size)
+                self._remember(lease.token, content, meta)
             finally:
                 unlock_close(fd)
         except LockError:
@@ -384,7 +398,7 @@ class FileLockManager(LockManager):
         # still increasing after both are lost, unless the wall clock also went back.
         fence = max(last + 1, _time.time_ns() // 1000)
         mine = self._holder_record(key, token, fence, now, now_bt, ttl, task_id, task_name)
-        _filerecord.write(fd, _filerecord.encode(mine), data, size)
+        self._remember(token, _filerecord.write(fd, _filerecord.encode(mine), data, size), mine)
         if reason is not None:
             self._log.info(
                 "broke stale lock %s (%s)",
@@ -393,6 +407,15 @@ class FileLockManager(LockManager):
                 extra={"lock_key": key, "backend": "file", "fence": fence},
             )
         return Lease(key, token, fence, "file", ttl, now + ttl, now)
+
+    def _remember(self, token: str, content: bytes, record: dict[str, Any]) -> None:
+        written = self._written
+        if len(written) >= _WRITTEN_CACHE:
+            # Another thread may evict or add at the same time: losing an entry only costs a
+            # parse on release.
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+                del written[next(iter(written))]
+        written[token] = (content, record)
 
     def _holder_record(
         self,
