@@ -48,7 +48,6 @@ _READ_SIZE: Final = 64 * 1024
 #: replace it. _UNLOADED until the first waiter needs it.
 _UNLOADED: Final[Any] = object()
 inotify: Any = _UNLOADED
-_load_lock = threading.Lock()
 
 
 def _load() -> tuple[Any, Any] | None:
@@ -73,9 +72,9 @@ def _load() -> tuple[Any, Any] | None:
 def _binding() -> tuple[Any, Any] | None:
     global inotify  # noqa: PLW0603 - loaded once per process, on first use
     if inotify is _UNLOADED:
-        with _load_lock:
-            if inotify is _UNLOADED:
-                inotify = _load()
+        # No lock: two threads loading at once get equal results, and a lock here would be one
+        # more mutex a fork could catch held.
+        inotify = _load()
     return inotify  # type: ignore[no-any-return]
 
 

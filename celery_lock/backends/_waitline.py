@@ -28,9 +28,9 @@ from typing import TypeVar
 from celery_lock import _fork
 from celery_lock._base import Waiter
 
-_T = TypeVar("_T")
-
 __all__ = ["Line", "Lines"]
+
+_T = TypeVar("_T")
 
 
 class Line:
