@@ -21,8 +21,11 @@ import pytest
 
 from celery_lock import _identity
 from celery_lock._types import CleanReport, Lease
+from celery_lock.backends import _lockdir, _lockfiles
 from celery_lock.backends import file as file_mod
-from celery_lock.backends.file import FileLockManager, _file_name, _fs_type
+from celery_lock.backends._filerecord import file_name
+from celery_lock.backends._lockdir import fs_type
+from celery_lock.backends.file import FileLockManager
 from celery_lock.errors import LockBackendUnavailable, LockError
 from tests._redis_server import skip_or_fail
 
@@ -36,7 +39,7 @@ def manager(lock_dir: Path) -> FileLockManager:
 
 
 def lock_path(manager: FileLockManager, key: str) -> Path:
-    return manager.directory / _file_name(key)
+    return manager.directory / file_name(key)
 
 
 def plant(manager: FileLockManager, key: str, *, age: float = 0.0, **overrides: Any) -> Path:
@@ -142,7 +145,7 @@ def test_directory_is_created_private_with_private_files(tmp_path: Path) -> None
     lease = manager.acquire("job")
     assert lease is not None
     files = list(directory.iterdir())
-    assert {p.name for p in files} == {_file_name("job")}
+    assert {p.name for p in files} == {file_name("job")}
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert repr(manager) == f"FileLockManager(directory={str(directory)!r})"
@@ -302,14 +305,14 @@ junk
     ],
 )
 def test_mountinfo_parser_finds_the_longest_mount_point(path: str, kind: str) -> None:
-    assert _fs_type(path, MOUNTINFO) == kind
+    assert fs_type(path, MOUNTINFO) == kind
 
 
 def test_proc_mounts_format_is_understood() -> None:
     table = "/dev/vda / ext4 rw 0 0\nsrv:/e /data nfs rw 0 0\nshort line\n"
-    assert _fs_type("/data/locks", table) == "nfs"
-    assert _fs_type("/var/locks", table) == "ext4"
-    assert _fs_type("/x", "") is None
+    assert fs_type("/data/locks", table) == "nfs"
+    assert fs_type("/var/locks", table) == "ext4"
+    assert fs_type("/x", "") is None
 
 
 def _fake_mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, point: Path) -> None:
@@ -318,8 +321,8 @@ def _fake_mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, poi
         "22 1 8:1 / / rw - ext4 /dev/vda rw\n"
         f"40 22 0:40 / {os.path.realpath(point)} rw shared:2 - {kind} srv:/x rw\n"
     )
-    monkeypatch.setattr(file_mod, "_MOUNT_TABLES", (str(tmp_path / "missing"), str(table)))
-    monkeypatch.setattr(file_mod, "_warned_network", set())
+    monkeypatch.setattr(_lockdir, "MOUNT_TABLES", (str(tmp_path / "missing"), str(table)))
+    monkeypatch.setattr(_lockdir, "_warned", set())
 
 
 @pytest.mark.parametrize("kind", ["nfs4", "nfs", "cifs", "fuse.sshfs", "9p", "ceph", "lustre"])
@@ -349,7 +352,7 @@ def test_local_directory_does_not_warn(
     _fake_mounts(tmp_path, monkeypatch, "xfs", tmp_path)
     with caplog.at_level(logging.WARNING, logger="celery_lock.file"):
         FileLockManager(lock_dir)
-    monkeypatch.setattr(file_mod, "_MOUNT_TABLES", (str(tmp_path / "missing"),))
+    monkeypatch.setattr(_lockdir, "MOUNT_TABLES", (str(tmp_path / "missing"),))
     with caplog.at_level(logging.WARNING, logger="celery_lock.file"):
         FileLockManager(lock_dir)  # no readable mount table: nothing to say
     assert caplog.records == []
@@ -531,14 +534,14 @@ def test_entry_vanishing_between_open_and_lstat_is_absent(
     calls: list[int] = []
 
     def open_symlink_that_then_vanishes(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if path == _file_name("job"):
+        if path == file_name("job"):
             calls.append(flags)
             if len(calls) == 1:  # a symlink, gone before lstat: the name is looked at again
                 raise OSError(errno.ELOOP, "Too many levels of symbolic links")
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", open_symlink_that_then_vanishes)
-    assert manager._read(_file_name("job")) is None
+    assert manager._files.read(file_name("job")) is None
     assert len(calls) == 2
 
 
@@ -553,10 +556,10 @@ def test_an_empty_lock_file_is_free(manager: FileLockManager) -> None:
 
 
 def test_corrupt_warnings_are_remembered_in_bounded_memory(manager: FileLockManager) -> None:
-    manager._warned_corrupt.update(("x", i, i) for i in range(1024))
+    manager._files.warned_corrupt.update(("x", i, i) for i in range(1024))
     plant_raw(manager, "job", b"junk")
     assert manager.acquire("job") is None
-    assert len(manager._warned_corrupt) == 1
+    assert len(manager._files.warned_corrupt) == 1
 
 
 def test_corrupt_file_with_future_mtime_is_stale(manager: FileLockManager) -> None:
@@ -884,7 +887,7 @@ def test_iter_locks_skips_entries_it_cannot_read(
     def broken(name: str) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(manager, "_read", broken)
+    monkeypatch.setattr(manager._files, "read", broken)
     assert list(manager.iter_locks()) == []
 
 
@@ -979,9 +982,9 @@ def test_clean_removes_stale_locks_and_free_files_only(
     assert (report.scanned, report.removed, report.kept, report.errors) == (5, 3, 2, 0)
     remaining = {p.name for p in manager.directory.iterdir()}
     for key in ("expired", "dead", "old-junk", "released"):
-        assert _file_name(key) not in remaining
+        assert file_name(key) not in remaining
     for key in ("live", "fresh-junk"):
-        assert _file_name(key) in remaining
+        assert file_name(key) in remaining
     assert notes.exists()
     messages = [r.getMessage() for r in caplog.records]
     assert sum("removed stale lock" in m for m in messages) == 3
@@ -998,7 +1001,7 @@ def test_an_acquirer_waiting_on_a_file_the_cleaner_removes_locks_the_new_file(
     cleaner, other = FileLockManager(lock_dir), FileLockManager(lock_dir)
     first = other.acquire("job")
     assert first is not None and other.release(first)  # a free file: the cleaner removes it
-    real_record, real_wait = cleaner._record_fence, other._wait_flock
+    real_record, real_wait = cleaner._files.record_fence, other._files.wait_flock
     waited: list[str] = []
     got: list[Lease | None] = []
 
@@ -1018,11 +1021,11 @@ def test_an_acquirer_waiting_on_a_file_the_cleaner_removes_locks_the_new_file(
         threads.append(thread)
 
     threads: list[threading.Thread] = []
-    monkeypatch.setattr(other, "_wait_flock", wait_flock)
-    monkeypatch.setattr(cleaner, "_record_fence", record_then_race)
+    monkeypatch.setattr(other._files, "wait_flock", wait_flock)
+    monkeypatch.setattr(cleaner._files, "record_fence", record_then_race)
     assert cleaner.clean() == CleanReport()
     threads[0].join(10)
-    assert waited == [_file_name("job")]
+    assert waited == [file_name("job")]
     lease = got[0]
     assert lease is not None and lease.fence > first.fence
     # The lease stands in the file under the name, not in the unlinked one.
@@ -1034,7 +1037,7 @@ def test_clean_never_removes_a_foreign_entry_replaced_after_its_first_look(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = plant_stale_symlink(manager, "job")
-    real_lstat = manager._lstat_foreign
+    real_lstat = manager._files.lstat_foreign
 
     def lstat_then_replace(name: str, problem: str) -> Any:
         found = real_lstat(name, problem)
@@ -1044,7 +1047,7 @@ def test_clean_never_removes_a_foreign_entry_replaced_after_its_first_look(
         fresh.replace(path)
         return found
 
-    monkeypatch.setattr(manager, "_lstat_foreign", lstat_then_replace)
+    monkeypatch.setattr(manager._files, "lstat_foreign", lstat_then_replace)
     report = manager.clean()
     assert (report.removed, report.kept) == (0, 1)
     assert os.readlink(path) == "/elsewhere"
@@ -1055,14 +1058,14 @@ def test_clean_skips_a_lock_released_after_the_listing(
 ) -> None:
     lease = manager.acquire("job")
     assert lease is not None
-    real_list = manager._list
+    real_list = manager._files.names
 
     def list_then_release() -> list[str]:
         names = real_list()
         assert manager.release(lease)
         return names
 
-    monkeypatch.setattr(manager, "_list", list_then_release)
+    monkeypatch.setattr(manager._files, "names", list_then_release)
     assert manager.clean() == CleanReport()
 
 
@@ -1071,8 +1074,8 @@ def test_clean_ignores_lock_files_that_vanish_under_it(
 ) -> None:
     lease = manager.acquire("job")
     assert lease is not None and manager.release(lease)
-    name = _file_name("job")
-    monkeypatch.setattr(manager, "_list", lambda: [name, name, _file_name("never")])
+    name = file_name("job")
+    monkeypatch.setattr(manager._files, "names", lambda: [name, name, file_name("never")])
     assert manager.clean() == CleanReport()
     assert not lock_path(manager, "job").exists()
 
@@ -1083,7 +1086,7 @@ def test_clean_counts_an_unlistable_directory_as_an_error(
     def broken() -> list[str]:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(manager, "_list", broken)
+    monkeypatch.setattr(manager._files, "names", broken)
     assert manager.clean().errors == 1
     with pytest.raises(LockBackendUnavailable, match="I/O error"):
         list(manager.iter_locks())
@@ -1097,7 +1100,7 @@ def test_lock_file_busy_too_long_is_a_bounded_backend_error(
 ) -> None:
     lease = manager.acquire("job")
     assert lease is not None
-    monkeypatch.setattr(file_mod, "_BUSY_TIMEOUT", 0.2)
+    monkeypatch.setattr(_lockfiles, "BUSY_TIMEOUT", 0.2)
     path = lock_path(manager, "job")
     fd = os.open(path, os.O_RDWR)
     try:
@@ -1147,6 +1150,36 @@ def test_guard_file_that_is_not_a_regular_file_is_refused(manager: FileLockManag
     assert path.is_symlink()
 
 
+def test_a_hard_link_planted_at_fences_is_never_written_through(
+    manager: FileLockManager, tmp_path: Path
+) -> None:
+    # Issue 14 item 8: the linked file grew from 7 to 32 bytes. .fences is refused like a lock
+    # file with a second link: never read, never written, the operator told which path.
+    first = manager.acquire("first")
+    assert first is not None and manager.release(first)  # a free file: clean() removes it
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"do not touch")
+    os.link(precious, manager.directory / ".fences")
+    report = manager.clean()  # would keep the fence of "first" in .fences, then remove it
+    assert report.errors == 1
+    assert lock_path(manager, "first").exists()  # not removed: its fence could not be kept
+    with pytest.raises(LockBackendUnavailable, match=r"\.fences is a file with 2 links"):
+        manager.acquire("job")  # a new file: its fence starts from .fences
+    assert precious.read_bytes() == b"do not touch"
+    assert not manager.is_locked("job")
+
+
+def test_a_hard_link_planted_at_guard_is_refused(manager: FileLockManager, tmp_path: Path) -> None:
+    path = plant_stale_symlink(manager, "job")
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"do not touch")
+    os.link(precious, manager.directory / ".guard")
+    with pytest.raises(LockBackendUnavailable, match=r"\.guard is a file with 2 links"):
+        manager.acquire("job")  # removing a foreign entry takes the guard
+    assert path.is_symlink()
+    assert precious.read_bytes() == b"do not touch"
+
+
 def _fail_writes(monkeypatch: pytest.MonkeyPatch, *, short: bool, allowed: set[bytes]) -> None:
     """Make writes of holder records fail (or come out short), except those in ``allowed``."""
     real_pwrite = os.pwrite
@@ -1192,7 +1225,7 @@ def test_io_errors_of_every_operation_are_backend_errors(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(manager, "_open_locked", broken)
+    monkeypatch.setattr(manager._files, "open_locked", broken)
     for call in (
         lambda: manager.acquire("job"),
         lambda: manager.release(lease),
@@ -1244,10 +1277,11 @@ def test_free_records_are_read_strictly(
 def test_release_works_for_leases_the_manager_no_longer_remembers(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(file_mod, "_HELD_CACHE", 2)
-    monkeypatch.setattr(file_mod, "_NAME_CACHE", 2)
+    # Ownership is the token in the file; the records a manager remembers having written
+    # only spare a parse, and they are bounded.
+    monkeypatch.setattr(file_mod, "_WRITTEN_CACHE", 2)
     leases = [manager.acquire(f"job{i}") for i in range(5)]
-    assert len(manager._held) <= 2 and len(manager._names) <= 2
+    assert len(manager._written) <= 2
     other = FileLockManager(manager.directory)  # remembers nothing at all
     assert other.release(leases[0])  # type: ignore[arg-type]
     for lease in leases[1:]:
@@ -1307,14 +1341,14 @@ def test_foreign_entry_removed_by_somebody_else_meanwhile(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = plant_stale_symlink(manager, "job")
-    real_lstat = manager._lstat_foreign
+    real_lstat = manager._files.lstat_foreign
 
     def lstat_then_vanish(name: str, problem: str) -> Any:
         found = real_lstat(name, problem)
         path.unlink(missing_ok=True)  # another process removed it before our guarded check
         return found
 
-    monkeypatch.setattr(manager, "_lstat_foreign", lstat_then_vanish)
+    monkeypatch.setattr(manager._files, "lstat_foreign", lstat_then_vanish)
     assert manager.acquire("job") is not None
 
 
@@ -1322,8 +1356,8 @@ def test_something_that_keeps_reappearing_is_a_bounded_backend_error(
     manager: FileLockManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     st = os.stat(manager.directory)
-    monkeypatch.setattr(manager, "_open_locked", lambda *a: file_mod._Foreign(st, "a FIFO"))
-    monkeypatch.setattr(manager, "_remove_foreign", lambda *a: True)
+    monkeypatch.setattr(manager._files, "open_locked", lambda *a: _lockfiles.Foreign(st, "a FIFO"))
+    monkeypatch.setattr(manager._files, "make_room", lambda *a: True)
     with pytest.raises(LockBackendUnavailable, match="keeps reappearing"):
         manager.acquire("job")
 
@@ -1342,7 +1376,7 @@ def test_clean_removes_stale_foreign_entries(
         assert manager.clean() == CleanReport(scanned=3, removed=2, kept=1)
     assert sum("removed stale lock file" in r.getMessage() for r in caplog.records) == 2
     assert {p.name for p in manager.directory.iterdir() if LOCK_NAME.match(p.name)} == {
-        _file_name("fresh")
+        file_name("fresh")
     }
 
 
@@ -1434,7 +1468,7 @@ def test_files_of_keys_used_once_do_not_pile_up(
         assert lease is not None and manager.release(lease)
         fences[i] = lease.fence
     names = {p.name for p in manager.directory.iterdir() if LOCK_NAME.match(p.name)}
-    assert names == {_file_name(f"job{i}") for i in range(45, 50)}  # the 5 freed last
+    assert names == {file_name(f"job{i}") for i in range(45, 50)}  # the 5 freed last
     # A removed file's fence went to .fences, so the key goes on above it even with the wall
     # clock an hour back.
     shift_wall_clock(monkeypatch, -HOUR)

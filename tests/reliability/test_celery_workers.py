@@ -27,7 +27,7 @@ from celery_lock import (
     LockCleaner,
     RedisLockManager,
 )
-from celery_lock.backends import file as file_backend
+from celery_lock.backends import _filerecord
 from tests._redis_server import RedisServer
 from tests._workers import NO_RETRIES, WorkerProcess, drop_results, wait_for
 from tests.reliability._harness import dead_url
@@ -104,7 +104,7 @@ class Workers:
                 return True
         # A lock file stays after release with only its fence in it: a holder record has a
         # token.
-        path = self.lock_dir / file_backend._file_name(key)
+        path = self.lock_dir / _filerecord.file_name(key)
         return path.is_file() and b'"token"' in path.read_bytes()
 
     def close(self) -> None:

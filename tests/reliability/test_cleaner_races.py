@@ -93,6 +93,17 @@ def reaped_pid() -> int:
 def as_dead_holder(manager: LockManager, pid: int) -> Iterator[None]:
     """Locks that ``manager`` writes in the block name ``pid`` (a dead process of this host and
     boot) as their holder; everything else about this process stays as it is."""
+    if isinstance(manager, FileLockManager):  # builds its record as a dict of its own
+        original_record = manager._holder_record
+
+        def record(*args: Any) -> dict[str, Any]:
+            data = original_record(*args)
+            data["pid"], data["start"] = pid, 1
+            return data
+
+        with mock.patch.object(manager, "_holder_record", record):
+            yield
+        return
     original = manager._meta
 
     def meta(*args: Any) -> str:
@@ -117,7 +128,7 @@ def test_file_cleaner_and_a_contender_for_the_orphan_both_come_out_right(tmp_pat
     taken: list[Lease | None] = []
     threads: list[threading.Thread] = []
     blocked = threading.Event()
-    original, real_wait = cleaner_view._stale_reason, other._wait_flock
+    original, real_wait = cleaner_view._stale_reason, other._files.wait_flock
 
     def wait_flock(*args: Any) -> None:
         blocked.set()
@@ -133,7 +144,7 @@ def test_file_cleaner_and_a_contender_for_the_orphan_both_come_out_right(tmp_pat
             assert blocked.wait(5)
         return reason
 
-    other._wait_flock = wait_flock  # type: ignore[method-assign]
+    other._files.wait_flock = wait_flock  # type: ignore[method-assign]
 
     with mock.patch.object(cleaner_view, "_stale_reason", look_then_contend):
         report = cleaner_view.clean()

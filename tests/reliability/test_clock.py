@@ -22,6 +22,7 @@ from celery_lock import (
     LockManager,
     RedisLockManager,
 )
+from celery_lock.backends import _filerecord
 from celery_lock.backends import file as file_backend
 from celery_lock.backends import redis as redis_backend
 from tests.reliability._harness import poll_until
@@ -141,7 +142,7 @@ def test_foreign_host_lease_follows_the_wall_clock(clock: SteppedClock, tmp_path
     not ours): held while its wall expiry is ahead, free once the wall clock passes it. This is
     the documented limit of the jump protection."""
     manager = FileLockManager(tmp_path / "locks")
-    path = manager.directory / file_backend._file_name("k")
+    path = manager.directory / _filerecord.file_name("k")
     now = time.time()
     meta = {
         "v": 1,

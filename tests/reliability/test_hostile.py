@@ -37,7 +37,7 @@ from celery_lock import (
     LockManager,
     RedisLockManager,
 )
-from celery_lock.backends import file as file_backend
+from celery_lock.backends import _filerecord, _lockdir
 from celery_lock.config import get_manager
 from celery_lock.keys import LockKeyError
 from celery_lock.task import LockedTask
@@ -71,7 +71,7 @@ class Env:
         return [self.file(), self.redis(), self.hybrid()]
 
     def lock_file(self, key: str) -> Path:
-        return self.lock_dir / file_backend._file_name(key)
+        return self.lock_dir / _filerecord.file_name(key)
 
     def messages(self, level: int) -> list[str]:
         return [r.getMessage() for r in self.caplog.records if r.levelno == level]
@@ -535,8 +535,8 @@ def _(env: Env) -> None:
         f"88 22 0:55 / {env.lock_dir} rw,relatime shared:9 - nfs4 fileserver:/locks rw,vers=4.2\n"
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(file_backend, "_MOUNT_TABLES", (str(table),))
-        patch.setattr(file_backend, "_warned_network", set())
+        patch.setattr(_lockdir, "MOUNT_TABLES", (str(table),))
+        patch.setattr(_lockdir, "_warned", set())
         manager = env.file()
         env.file()  # a second manager on the same directory does not warn again
     warnings = [m for m in env.messages(logging.WARNING) if "network file system" in m]
