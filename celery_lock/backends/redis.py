@@ -6,22 +6,17 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
-import os
-import threading
 import time as _time
-import weakref
-from collections.abc import Callable, Iterator
-from typing import Any, Final, TypeAlias
+from collections.abc import Iterator
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import redis
 from redis.backoff import NoBackoff
 from redis.client import PubSub
 from redis.cluster import RedisCluster
-from redis.connection import ConnectionPool
 from redis.exceptions import (
     ClusterError,
     NoScriptError,
@@ -37,12 +32,6 @@ from celery_lock import _identity
 from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
 from celery_lock.errors import LockBackendUnavailable
-
-_metrics_enabled: Callable[[], bool] | None
-try:
-    from redis.observability.recorder import is_enabled as _metrics_enabled
-except ImportError:  # pragma: no cover - redis-py < 8 has no metrics of its own
-    _metrics_enabled = None
 
 __all__ = ["RedisLockManager", "is_connection_error"]
 
@@ -86,183 +75,19 @@ _GLOB_ESCAPES: Final = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 # Requires Redis >= 5 (script effects replication: the acquire script writes after TIME).
 
 
-class _Script:
-    """A Lua script registered once per class and run by EVALSHA.
+class _Lua(NamedTuple):
+    """A Lua script's source and the SHA1 that Redis names it by (EVALSHA)."""
 
-    redis-py's ``Script`` does the same, but its ``__call__`` also builds argument tuples and
-    tests ``isinstance(client, Pipeline)``, a ``typing.Protocol`` check (~1.5 us per call here,
-    twice per lock cycle, on a path whose whole Python budget is ~10 us).
-    """
-
-    __slots__ = ("sha", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        # Redis names scripts by their SHA1.
-        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
-
-    def __call__(self, client: RedisClient, numkeys: int, *keys_and_args: str | int | bytes) -> Any:
-        # execute_command is what client.evalsha() ends in, two Python frames later.
-        try:
-            return client.execute_command("EVALSHA", self.sha, numkeys, *keys_and_args)  # type: ignore[no-untyped-call]
-        except NoScriptError:
-            # The server's script cache is empty after a restart, a failover or SCRIPT FLUSH.
-            client.script_load(self.source)
-            return client.execute_command("EVALSHA", self.sha, numkeys, *keys_and_args)  # type: ignore[no-untyped-call]
+    source: str
+    sha: str
 
 
-#: ``redis.Redis.execute_command`` as this module found it. A client whose class or instance
-#: has a different one (a subclass, a test double, tracing by wrapping) is always called
-#: through it: see :class:`_Line`.
-_PLAIN_EXECUTE: Final = redis.Redis.execute_command
-#: Tracing packages (OpenTelemetry, Sentry, ddtrace) wrap methods with ``wrapt`` or
-#: ``functools.wraps``; both leave ``__wrapped__``.
-_EXECUTE_WRAPPED: Final = hasattr(_PLAIN_EXECUTE, "__wrapped__")
-#: redis-py 5 requires a command name for ``ConnectionPool.get_connection``; 6 and later
-#: deprecate passing one.
-_POOL_WANTS_NAME: Final = (
-    getattr(
-        inspect.signature(ConnectionPool.get_connection).parameters.get("command_name"),
-        "default",
-        None,
-    )
-    is inspect.Parameter.empty
-)
-
-#: A pool bounded below this many connections is left alone: the connection a line keeps would
-#: be a noticeable share of it (redis-py 8's default pool allows 100, its blocking pool 50).
-_LINE_MIN_POOL: Final = 8
-
-#: A line idle for longer (seconds) checks its socket before the next call, as the pool does on
-#: every borrow: closed by the server, or holding stray data, it reconnects first.
-_LINE_IDLE_CHECK: Final = 1.0
-
-#: Bumped in a forked child: a line opened before the fork shares its socket with the parent.
-_generation = 0
+def _lua(source: str) -> _Lua:
+    # Our sources are ASCII, so the SHA does not depend on the client's encoding.
+    return _Lua(source, hashlib.sha1(source.encode("ascii"), usedforsecurity=False).hexdigest())
 
 
-def _after_fork_in_child() -> None:
-    global _generation  # noqa: PLW0603
-    _generation += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _observed() -> bool:
-    """True when redis-py 8's own metrics are switched on (they count per client call)."""
-    if _metrics_enabled is None:
-        return False
-    try:
-        return bool(_metrics_enabled())
-    except Exception:  # noqa: BLE001 - an observability failure must not break locking
-        return True
-
-
-class _Line:
-    """One pooled connection a manager keeps for its scripts, instead of borrowing per call.
-
-    Borrowing costs more than the lock logic itself: redis-py's ``get_connection`` polls the
-    socket for stray data and both it and ``release`` read the pid (two to four system calls,
-    ~7-12 us per command here), and ``Redis.execute_command`` adds ~3.5 us of bookkeeping. The
-    line skips both and keeps what matters: the connection's own retry policy (the same
-    ``Retry.call_with_retry`` with a disconnect between attempts), its health checks and
-    reconnects, RESP parsing and decoding, and the pool's check for a socket the server closed
-    (done after a pause of ``_LINE_IDLE_CHECK`` instead of before every call).
-
-    It is used only for a plain ``redis.Redis`` (Sentinel masters and fakeredis included) that
-    nothing instruments, on a pool that allows at least ``_LINE_MIN_POOL`` connections: a client
-    with its own ``execute_command`` (subclass, instance patch, a tracing wrapper), a
-    ``single_connection_client``, a Cluster client, a smaller pool or redis-py 8 with metrics on
-    is always called through ``execute_command``. One thread uses the line at a time; the
-    others take the client path meanwhile (never wait). A call cut short by any exception
-    disconnects the connection, so a reply still in flight is never read as the answer to the
-    next command. Not carried into a forked child (a new line opens there). The connection goes
-    back to the pool when the manager is garbage-collected.
-    """
-
-    __slots__ = ("__weakref__", "conn", "dirty", "generation", "lock", "pool", "used")
-
-    def __init__(self, pool: ConnectionPool | None) -> None:
-        self.pool = pool  # None: this client is always called through execute_command
-        self.conn: Any = None  # a redis.connection.Connection (untyped in redis-py)
-        self.dirty = False
-        self.generation = _generation
-        self.lock = threading.Lock()
-        self.used = 0.0  # monotonic time of the last completed call
-
-    @classmethod
-    def open(cls, client: RedisClient) -> _Line:
-        pool = getattr(client, "connection_pool", None)
-        usable = (
-            isinstance(client, redis.Redis)
-            and isinstance(pool, ConnectionPool)
-            and getattr(pool, "max_connections", 0) >= _LINE_MIN_POOL
-            and getattr(client, "connection", None) is None
-            and not _EXECUTE_WRAPPED
-            and not _observed()
-        )
-        return cls(pool if usable else None)
-
-    def evalsha(self, sha: str, numkeys: int, keys_and_args: tuple[str | int | bytes, ...]) -> Any:
-        """EVALSHA on the held connection (the caller holds :attr:`lock`)."""
-        conn = self.conn
-        if conn is None:
-            pool = self.pool
-            assert pool is not None  # callers check it first
-            conn = pool.get_connection("EVALSHA") if _POOL_WANTS_NAME else pool.get_connection()
-            self.conn = conn
-            # Back to the pool with the manager (this line dies with it).
-            weakref.finalize(self, _give_back, pool, conn)
-        elif self.dirty:
-            conn.disconnect()  # an earlier call ended between send and reply
-        elif _conn_open(conn) and _time.monotonic() - self.used > _LINE_IDLE_CHECK:
-            # What the pool checks on every borrow, here only after a pause: a server that
-            # closes idle connections (its `timeout`) or stray data would fail this call.
-            try:
-                if conn.can_read():
-                    conn.disconnect()
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                conn.disconnect()  # closed by the server
-        if not _conn_open(conn):
-            # Reconnect the way a borrow does, before and outside the command's retries: the
-            # connect has retries of its own, and nesting the two would stretch a stall.
-            conn.connect()
-        command = ("EVALSHA", sha, numkeys, *keys_and_args)
-        self.dirty = True
-        try:
-            reply = conn.retry.call_with_retry(lambda: _round_trip(conn, command), conn.disconnect)
-        except ResponseError:
-            self.dirty = False  # a whole reply was read: the connection is in step
-            raise
-        except BaseException:
-            conn.disconnect()
-            self.dirty = False
-            raise
-        self.dirty = False
-        self.used = _time.monotonic()
-        should_reconnect = getattr(conn, "should_reconnect", None)  # redis-py >= 6
-        if should_reconnect is not None and should_reconnect():  # a maintenance notice
-            conn.disconnect()
-        return reply
-
-
-def _conn_open(conn: Any) -> bool:
-    """Whether a redis-py connection has a socket (redis-py 5.0 has no ``is_connected``)."""
-    return getattr(conn, "_sock", None) is not None
-
-
-def _round_trip(conn: Any, command: tuple[Any, ...]) -> Any:
-    conn.send_command(*command)
-    return conn.read_response()
-
-
-def _give_back(pool: ConnectionPool, conn: Any) -> None:
-    with contextlib.suppress(Exception):  # the pool may be closed or belong to our parent
-        pool.release(conn)
-
-
-_ACQUIRE: Final = _Script(
+_ACQUIRE: Final = _lua(
     """
 -- Acquire, or confirm that we already hold the lock (a retried call after a lost reply).
 -- KEYS[1] lock key, KEYS[2] fence counter (same hash tag)
@@ -300,7 +125,7 @@ return {1, fence}
 """
 )
 
-_RELEASE: Final = _Script(
+_RELEASE: Final = _lua(
     """
 -- Release: end the lock only while it still holds our token, then wake the waiters.
 -- Instead of a DEL it leaves a short-lived tombstone '~<token>' (free for every acquirer and
@@ -329,7 +154,7 @@ return 0
 """
 )
 
-_EXTEND: Final = _Script(
+_EXTEND: Final = _lua(
     """
 -- Extend: reset the lease ttl only while the lock still holds our token.
 -- KEYS[1] lock key; ARGV[1] token, ARGV[2] new ttl (ms, >= 1: PEXPIRE 0 would delete the key,
@@ -344,7 +169,7 @@ return 0
 """
 )
 
-_BREAK: Final = _Script(
+_BREAK: Final = _lua(
     """
 -- Break: delete a lock judged breakable (dead holder, cleaner, break_lock) only if it still
 -- holds exactly the value that was judged, so a successor's lock is never deleted.
@@ -359,7 +184,7 @@ return 0
 """
 )
 
-_INSPECT: Final = _Script(
+_INSPECT: Final = _lua(
     """
 -- Inspect: value and remaining ttl in one round trip, read atomically.
 -- KEYS[1] lock key
@@ -390,19 +215,14 @@ def is_connection_error(exc: BaseException) -> bool:
 class RedisLockManager(LockManager):
     """Locks in Redis: ``<prefix>:{<key>}`` holds ``"<token> <fence> <json-metadata>"``.
 
-    Acquire, release and extend are one round trip each (Lua scripts run by EVALSHA); the fence
-    counter ``<prefix>:{<key>}:fence`` and the wake-up channel ``<prefix>:{<key>}:wake`` share
-    the key's hash tag, so every script touches one Cluster slot. A key containing ``{`` or ``}``
-    (or that cannot be encoded as UTF-8) is tagged by ``#`` plus its sha256 instead.
+    Acquire, release and extend are one round trip each (Lua scripts run by EVALSHA, loaded on
+    NOSCRIPT); the fence counter ``<prefix>:{<key>}:fence`` and the wake-up channel
+    ``<prefix>:{<key>}:wake`` share the key's hash tag, so every script touches one Cluster
+    slot. A key containing ``{`` or ``}`` (or that cannot be encoded as UTF-8) is tagged by
+    ``#`` plus its sha256 instead.
 
     Any failure of the store is raised as :class:`LockBackendUnavailable` with the Redis error
     as its ``__cause__``; use :func:`is_connection_error` to tell an outage from other errors.
-
-    The manager keeps one connection of the client's pool for its scripts (see ``_Line``):
-    borrowing one per call costs more than the lock logic. Clients that must see every call (a
-    subclass or instance with its own ``execute_command``, tracing wrappers, redis-py 8 metrics),
-    ``single_connection_client`` clients, Cluster clients and pools bounded below 8 connections
-    are called through ``execute_command`` as usual.
 
     For a client you build yourself, bound its timeouts and retries the way :meth:`from_url`
     does: ``socket_timeout`` (e.g. 2 s), ``socket_connect_timeout`` (e.g. 1 s) and
@@ -435,7 +255,6 @@ class RedisLockManager(LockManager):
         self._released: dict[str, None] = {}
         #: (lock key, token) of acquires that raised after the server may have run them.
         self._orphans: collections.deque[tuple[str, str]] = collections.deque(maxlen=1024)
-        self._line = _Line.open(client)
 
     @classmethod
     def from_url(
@@ -487,25 +306,21 @@ class RedisLockManager(LockManager):
 
     # ------------------------------------------------------------------ hot path
 
-    def _eval(self, script: _Script, numkeys: int, *keys_and_args: str | int | bytes) -> Any:
-        """Run ``script``: on this manager's :class:`_Line` when it is free, else via the client."""
+    def _eval(self, script: _Lua, numkeys: int, *keys_and_args: str | int | bytes) -> Any:
+        """Run ``script`` by EVALSHA; load it and run it again when the server answers NOSCRIPT.
+
+        redis-py's ``Script`` object (``register_script``) does the same, but adds ~5 us of
+        per-call work here (argument tuples, pipeline checks), which is 5 % of a lock cycle.
+        ``evalsha`` is public on ``Redis`` and ``RedisCluster`` alike; a Cluster client routes
+        it by its keys, and ``script_load`` there loads the script on every primary.
+        """
         client = self._client
-        line = self._line
-        if line.generation != _generation:
-            line = self._line = _Line.open(client)  # forked: the old socket is the parent's
-        if (
-            line.pool is not None
-            and type(client).execute_command is _PLAIN_EXECUTE
-            and "execute_command" not in client.__dict__
-            and line.lock.acquire(blocking=False)
-        ):
-            try:
-                return line.evalsha(script.sha, numkeys, keys_and_args)
-            except NoScriptError:
-                pass  # the server lost its scripts (restart, failover): the client path loads it
-            finally:
-                line.lock.release()
-        return script(client, numkeys, *keys_and_args)
+        try:
+            return client.evalsha(script.sha, numkeys, *keys_and_args)
+        except NoScriptError:
+            # The server's script cache is empty after a restart, a failover or SCRIPT FLUSH.
+            client.script_load(script.source)
+            return client.evalsha(script.sha, numkeys, *keys_and_args)
 
     def _try_acquire(
         self, key: str, ttl: float, token: str, task_id: str | None, task_name: str | None
