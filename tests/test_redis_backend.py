@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import socket
 import statistics
@@ -22,6 +23,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import (
     AuthenticationError,
@@ -32,17 +34,20 @@ from redis.exceptions import (
     ReadOnlyError,
     ResponseError,
 )
+from redis.retry import Retry
 
 from celery_lock import _identity
 from celery_lock._types import Lease
 from celery_lock.backends.redis import (
     _BREAK,
+    _RELEASE,
     RedisLockManager,
     _wait_slice,
     is_connection_error,
 )
 from celery_lock.errors import LockBackendUnavailable, LockLost, LockNotAcquired
 from tests._contention import run_contention
+from tests._lossy_proxy import LossyProxy
 from tests._redis_server import RedisServer, free_port, skip_or_fail
 from tests._workers import wait_for
 
@@ -242,8 +247,8 @@ def test_acquire_release_roundtrip(manager: RedisLockManager, client: Any) -> No
     assert manager.release(lease) is True
     assert manager.release(lease) is False
     assert not manager.is_locked("k")
-    # What stays is a short-lived tombstone (free for everybody; see _RELEASE).
-    assert text(client.get("celery_lock:{k}")) == "~" + lease.token
+    # What stays is a short-lived tombstone with the release call's id (free for everybody).
+    assert re.fullmatch(f"~{lease.token} [0-9a-f]{{16}}", text(client.get("celery_lock:{k}")) or "")
     assert 0 < client.pttl("celery_lock:{k}") <= 30_000
 
 
@@ -381,22 +386,67 @@ def test_the_server_clock_decides_expiry(manager: RedisLockManager, client: Any)
     assert manager.release(short) is False
 
 
-def test_a_resent_release_recognises_its_own_success(
+def test_a_second_release_is_false_through_any_instance(
     manager: RedisLockManager, client: Any
 ) -> None:
-    """The release leaves a tombstone: a second manager instance (or a client retry after a
-    lost reply) releasing the same lease learns it succeeded; acquirers see a free key."""
+    """Two manager instances on one server: the first release of a lease says True, a second
+    one (another call, another instance) says False; acquirers see a free key meanwhile."""
     lease = manager.acquire("k", ttl=30)
     assert lease is not None
     other = RedisLockManager(client)
-    assert manager.release(lease) is True
-    assert other.release(lease) is True  # what a re-sent release sees
+    assert other.release(lease) is True
+    assert manager.release(lease) is False
+    assert other.release(lease) is False
     assert not manager.is_locked("k") and manager.inspect("k") is None
     assert [i.key for i in manager.iter_locks()] == []
     successor = other.acquire("k")
     assert successor is not None
-    assert other.release(lease) is False  # a successor holds it now: left alone
+    assert manager.release(lease) is False  # a successor holds it now: left alone
     assert manager.is_locked("k")
+
+
+class ResendsScripts(fakeredis.FakeRedis):
+    """Sends every EVALSHA twice with the same arguments and answers with the second reply:
+    what a client does when the first reply is lost and its retry policy re-sends the call."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        if args[0] == "EVALSHA":
+            super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+def test_a_resent_release_call_recognises_its_own_success(fake_redis: Any) -> None:
+    """The re-sent release finds the tombstone its first attempt left (same release id) and
+    reports True; a later, separate release call of the same lease still says False."""
+    plain = RedisLockManager(fake_redis)
+    resending = RedisLockManager(ResendsScripts(server=fake_redis.fake_server))
+    lease = plain.acquire("k", ttl=30)
+    assert lease is not None
+    assert resending.release(lease) is True
+    assert resending.release(lease) is False
+    assert plain.release(lease) is False
+    assert not plain.is_locked("k")
+
+
+@pytest.mark.redis
+def test_a_release_whose_reply_is_lost_on_the_wire_reports_true(
+    redis_server: RedisServer, redis_client: Any
+) -> None:
+    """A proxy between client and server lets the release script run and drops its reply with
+    the connection; redis-py's Retry re-sends the same call, which finds its own tombstone."""
+    with LossyProxy(redis_server.port) as proxy:
+        client = redis.Redis(port=proxy.port, db=9, socket_timeout=2.0, retry=Retry(NoBackoff(), 1))
+        manager = RedisLockManager(client)
+        warm = manager.acquire("warm")  # scripts loaded: the release is one EVALSHA
+        assert warm is not None and manager.release(warm)
+        lease = manager.acquire("k", ttl=30)
+        assert lease is not None
+        proxy.lose_reply_to(_RELEASE.sha.encode())
+        assert manager.release(lease) is True
+        assert proxy.lost == 1
+        assert RedisLockManager(redis_client).release(lease) is False  # a second call
+        assert not manager.is_locked("k")
+        client.close()
 
 
 # ------------------------------------------------------------------------ context manager

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import secrets
 import time as _time
 from collections.abc import Iterator
 from typing import Any, Final, NamedTuple, TypeAlias
@@ -41,10 +42,6 @@ RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 
 #: Fence counters live at least this long after the last acquire (ms); see ``_ACQUIRE``.
 _MIN_FENCE_TTL_MS: Final = 60_000
-
-#: How long a released lock's tombstone lets a re-sent release recognise its own success (ms):
-#: well above a client's socket timeout times its retries.
-_TOMBSTONE_TTL_MS: Final = 30_000
 
 #: Everything a redis-py call can raise: its own errors, cluster set-up errors (not RedisError
 #: subclasses) and raw socket errors.
@@ -128,26 +125,30 @@ return {1, fence}
 _RELEASE: Final = _lua(
     """
 -- Release: end the lock only while it still holds our token, then wake the waiters.
--- Instead of a DEL it leaves a short-lived tombstone '~<token>' (free for every acquirer and
--- reader), so a release re-sent after a lost reply still learns that it succeeded.
--- KEYS[1] lock key; ARGV[1] token, ARGV[2] wake-up channel, ARGV[3] tombstone ttl (ms)
--- returns 1 released (now, or by our own earlier attempt), 0 not ours (expired or taken over:
--- left alone)
+-- Instead of a DEL it leaves a short-lived tombstone '~<token> <release id>' (free for every
+-- acquirer and reader). The release id is new for every release call, and a client that re-sends
+-- a call after a lost reply re-sends the same one: the re-sent call finds its own tombstone and
+-- learns that it succeeded, while a second release of the same lease (another call, through any
+-- manager instance) finds a different id and is told the lease no longer held the lock.
+-- The tombstone lives 30 s: well above a client's socket timeout times its retries.
+-- KEYS[1] lock key; ARGV[1] token, ARGV[2] release id
+-- returns 1 released (by this call, or by an earlier attempt of it whose reply was lost),
+--         0 not ours (expired, taken over or released by another call: left alone)
 local value = redis.call('GET', KEYS[1])
 if not value then
   return 0
 end
 if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-  local set = redis.pcall('SET', KEYS[1], '~' .. ARGV[1], 'PX', ARGV[3])
+  local set = redis.pcall('SET', KEYS[1], '~' .. ARGV[1] .. ' ' .. ARGV[2], 'PX', 30000)
   if type(set) == 'table' and set.err then
     -- At maxmemory with noeviction a SET is refused, a DEL is not. Releasing matters more
     -- than recognising a re-sent release.
     redis.call('DEL', KEYS[1])
   end
-  redis.call('PUBLISH', ARGV[2], '1')
+  redis.call('PUBLISH', KEYS[1] .. ':wake', '1')
   return 1
 end
-if value == '~' .. ARGV[1] then
+if value == '~' .. ARGV[1] .. ' ' .. ARGV[2] then
   return 1
 end
 return 0
@@ -250,10 +251,10 @@ class RedisLockManager(LockManager):
         super().__init__(default_ttl=default_ttl)
         self._client = client
         self._prefix = prefix
-        #: Tokens whose release this manager saw succeed (bounded, oldest first), so releasing a
-        #: lease twice says False although the server's tombstone would recognise the token.
-        self._released: dict[str, None] = {}
-        #: (lock key, token) of acquires that raised after the server may have run them.
+        #: (lock key, token) of acquires that raised although the server may have granted them.
+        #: Not a release mechanism: no lease was ever handed out for these tokens, so nobody
+        #: would release them, and without this the key would stay blocked until its ttl. They
+        #: are compare-and-deleted on the next call that reaches the server (see _acquire_again).
         self._orphans: collections.deque[tuple[str, str]] = collections.deque(maxlen=1024)
 
     @classmethod
@@ -375,33 +376,27 @@ class RedisLockManager(LockManager):
         while self._orphans:
             name, token = self._orphans[0]
             try:
-                self._eval(_RELEASE, 1, name, token, name + ":wake", _TOMBSTONE_TTL_MS)
+                self._eval(_RELEASE, 1, name, token, _release_id())
             except _CLIENT_ERRORS:
                 return  # still unreachable: try again next time
             with contextlib.suppress(IndexError):
                 self._orphans.popleft()
 
     def _release(self, lease: Lease) -> bool:
-        if lease.token in self._released:
-            return False  # this manager saw it released already: it no longer holds anything
         name = self._name(lease.key)
         try:
-            released = self._eval(_RELEASE, 1, name, lease.token, name + ":wake", _TOMBSTONE_TTL_MS)
+            # One release id per call: redis-py's own retry of this command (after a lost
+            # reply) re-sends the same id and is recognised by the script; any other call is not.
+            released = self._eval(_RELEASE, 1, name, lease.token, _release_id())
         except _CLIENT_ERRORS as exc:
-            # The lease keeps its token: the caller may retry (redis/redis-py#3847, #4258).
+            # Whether the server ran the script is unknown. The lease keeps its token, so a
+            # later call can still release it if this one never arrived (redis/redis-py#3847,
+            # #4258); if it did arrive, that later call is a second release and says False.
             raise self._unavailable(lease.key, exc) from exc
-        # 1: the server still had our value (or our tombstone: an earlier attempt whose reply
-        # was lost), so by its clock, the one that expires keys, the lease was alive. The
-        # client's wall clock is not consulted: it may have jumped.
-        if released != 1:
-            return False
-        released_tokens = self._released
-        released_tokens[lease.token] = None
-        if len(released_tokens) > 1024:
-            # Another thread may change the dict between iter() and next(): best effort.
-            with contextlib.suppress(RuntimeError, StopIteration, KeyError):
-                del released_tokens[next(iter(released_tokens))]
-        return True
+        # 1: the server still had our value (or this call's own tombstone: an earlier attempt
+        # whose reply was lost), so by its clock, the one that expires keys, the lease was
+        # alive. The client's wall clock is not consulted: it may have jumped.
+        return bool(released == 1)
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
         now = _time.time()
@@ -642,6 +637,11 @@ class _PubSubWaiter(Waiter):
 
 
 # ---------------------------------------------------------------------- module helpers
+
+
+def _release_id() -> str:
+    """A new id for one release call (it only has to differ between calls on one token)."""
+    return secrets.token_hex(8)
 
 
 def _encodable(key: str) -> bool:
