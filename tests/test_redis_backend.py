@@ -66,7 +66,7 @@ def name_of(key: str, prefix: str = "celery_lock") -> str:
     """The Redis key a lock on ``key`` is stored under (spelled out independently of the code)."""
     if "{" in key or "}" in key or "\ud800" in key:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        return f"{prefix}:{{#{digest}}}"
+        return f"{prefix}:#{{{digest}}}"
     return f"{prefix}:{{{key}}}"
 
 
@@ -616,6 +616,44 @@ def test_hashed_tags_keep_keys_apart(manager: RedisLockManager) -> None:
     c = manager.acquire("lone \ud800")
     d = manager.acquire("lone \udc00")
     assert None not in (a, b, c, d)
+
+
+def test_hashed_keys_have_a_namespace_no_plain_key_reaches(
+    manager: RedisLockManager, client: Any
+) -> None:
+    """A key with braces is stored under its hash, apart from every plain key: the plain key
+    that spells out that hash is a different lock, and breaking one leaves the other held."""
+    braced = "tenant{42}:report"
+    digest = hashlib.sha256(braced.encode()).hexdigest()
+    spelled = "#" + digest
+    a = manager.acquire(braced, ttl=30)
+    b = manager.acquire(spelled, ttl=30)
+    assert a is not None and b is not None
+    assert client.exists(f"celery_lock:#{{{digest}}}", f"celery_lock:{{#{digest}}}") == 2
+    assert client.exists(f"celery_lock:#{{{digest}}}:fence") == 1  # same hash tag as its lock
+    assert {i.key for i in manager.iter_locks()} == {braced, spelled}
+    assert manager.break_lock(spelled) is True
+    info = manager.inspect(braced)
+    assert info is not None and info.token_prefix == a.token[:8]
+    b = manager.acquire(spelled, ttl=30)
+    assert b is not None
+    assert manager.break_lock(braced) is True
+    info = manager.inspect(spelled)
+    assert info is not None and info.token_prefix == b.token[:8]
+    assert manager.release(a) is False and manager.release(b) is True
+
+
+def test_cleaner_and_listing_find_both_key_forms(manager: RedisLockManager, client: Any) -> None:
+    """Dead holders' locks under a plain and under a hashed name are both cleaned; a foreign
+    key that merely sits under the prefix is not taken for a lock."""
+    client.set(name_of("plain"), dead_holder_value(key="plain"), px=300_000)
+    client.set(name_of("a{b}"), dead_holder_value(key="a{b}"), px=300_000)
+    client.set("celery_lock:#{not-a-digest}", dead_holder_value(key="x"), px=300_000)
+    client.set("celery_lock:other}", dead_holder_value(key="y"), px=300_000)
+    assert {i.key for i in manager.iter_locks()} == {"plain", "a{b}"}
+    report = manager.clean()
+    assert (report.scanned, report.removed) == (2, 2)
+    assert client.exists("celery_lock:#{not-a-digest}", "celery_lock:other}") == 2
 
 
 # --------------------------------------------------------------------- inspect, iter_locks

@@ -219,8 +219,8 @@ class RedisLockManager(LockManager):
     Acquire, release and extend are one round trip each (Lua scripts run by EVALSHA, loaded on
     NOSCRIPT); the fence counter ``<prefix>:{<key>}:fence`` and the wake-up channel
     ``<prefix>:{<key>}:wake`` share the key's hash tag, so every script touches one Cluster
-    slot. A key containing ``{`` or ``}`` (or that cannot be encoded as UTF-8) is tagged by
-    ``#`` plus its sha256 instead.
+    slot. A key containing ``{`` or ``}`` (or that cannot be encoded as UTF-8) is stored as
+    ``<prefix>:#{<sha256 of the key>}`` instead, a namespace no plain key reaches.
 
     Any failure of the store is raised as :class:`LockBackendUnavailable` with the Redis error
     as its ``__cause__``; use :func:`is_connection_error` to tell an outage from other errors.
@@ -490,14 +490,19 @@ class RedisLockManager(LockManager):
 
     def _name(self, key: str) -> str:
         if "{" in key or "}" in key or not (key.isascii() or _encodable(key)):
-            key = "#" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            # Braces would change the Cluster hash tag, so such a key is tagged by its hash, in
+            # a namespace of its own: a plain key always gives "<prefix>:{...}", never "#{".
+            digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            return f"{self._prefix}:#{{{digest}}}"
         return f"{self._prefix}:{{{key}}}"
 
     def _scan(self) -> Iterator[tuple[str, str]]:
-        """Names of the lock keys under our prefix (SCAN, never KEYS) with their hash tags."""
-        head = f"{self._prefix}:{{"
+        """Names of the lock keys under our prefix (SCAN, never KEYS), each with the key to show
+        when its value does not record one: the plain key, or ``#<sha256>`` for a hashed one."""
+        head = f"{self._prefix}:"
         try:
-            # "...}" at the end leaves out the fence counters ("...}:fence").
+            # One SCAN finds both forms, "<prefix>:{<key>}" and "<prefix>:#{<sha256>}"; "}" at
+            # the end leaves out the fence counters ("...}:fence").
             for raw in self._client.scan_iter(
                 match=head.translate(_GLOB_ESCAPES) + "*}", count=500
             ):
@@ -505,8 +510,8 @@ class RedisLockManager(LockManager):
                     name = raw.decode("utf-8") if isinstance(raw, bytes) else raw
                 except UnicodeDecodeError:
                     continue  # not ours: every name we write is UTF-8
-                tag = name[len(head) : -1]
-                if "{" not in tag and "}" not in tag:  # ours never hold braces
+                tag = _tag_of(name[len(head) :])
+                if tag is not None:
                     yield name, tag
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(None, exc) from exc
@@ -637,6 +642,18 @@ class _PubSubWaiter(Waiter):
 
 
 # ---------------------------------------------------------------------- module helpers
+
+
+def _tag_of(rest: str) -> str | None:
+    """The key shown for lock name ``<prefix>:<rest>``, or None when the name is not one of ours."""
+    if rest.startswith("{"):
+        tag = rest[1:-1]
+        return tag if "{" not in tag and "}" not in tag else None  # plain keys have no braces
+    if rest.startswith("#{"):
+        digest = rest[2:-1]
+        if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+            return "#" + digest
+    return None
 
 
 def _release_id() -> str:
