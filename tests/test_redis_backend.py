@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import select
 import signal
 import socket
 import statistics
@@ -474,6 +475,53 @@ def test_lock_body_error_wins_over_lock_lost(manager: RedisLockManager, client: 
     with pytest.raises(KeyError), manager.lock("k"):
         client.delete("celery_lock:{k}")
         raise KeyError("body")
+
+
+def _leave_in_child(manager: RedisLockManager, lease: Lease) -> bytes:
+    """What a forked child reports after its copy of ``with manager.lock(...)`` has ended."""
+    info = manager.inspect("k")
+    if info is None or info.token_prefix != lease.token[:8]:
+        return b"released the parent's lock"
+    if manager.extend(lease) is not None or manager.release(lease) is not False:
+        return b"allowed to extend or release"
+    return b"ok"
+
+
+@pytest.mark.parametrize("client_kind", ["fake", pytest.param("real", marks=pytest.mark.redis)])
+def test_forked_child_never_releases_its_parents_lock(
+    request: pytest.FixtureRequest, client_kind: str
+) -> None:
+    """A child forked inside ``with manager.lock("k"):`` runs past the block: it leaves without
+    LockLost and without touching the lock, which its parent still holds afterwards. (On
+    fakeredis the child's store is a copy, so the child checks its own view too.)"""
+    if client_kind == "real":
+        client = request.getfixturevalue("redis_client")
+    else:
+        client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    manager = RedisLockManager(client)
+    read, write = os.pipe()
+    child = -1
+    try:
+        with manager.lock("k", ttl=30) as lease:
+            child = os.fork()
+            if child:
+                os.close(write)
+                assert select.select([read], [], [], 30)[0], "no report from the child"
+                assert os.read(read, 100) == b"ok"
+                assert os.waitpid(child, 0)[1] == 0
+                info = manager.inspect("k")  # the parent, still in the block, still holds it
+                assert info is not None and info.token_prefix == lease.token[:8]
+        if child == 0:
+            os.write(write, _leave_in_child(manager, lease))
+    except BaseException as exc:
+        if child == 0:
+            os.write(write, repr(exc).encode()[:100])
+        raise
+    finally:
+        if child == 0:
+            os._exit(0)
+        os.close(read)
+    assert not manager.is_locked("k")  # the parent released it on leaving
 
 
 # ------------------------------------------------------------------------------- scripts

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import secrets
 import time as _time
 from collections.abc import Iterator
@@ -348,7 +349,7 @@ class RedisLockManager(LockManager):
         if reply[0] == 0:
             return None
         # now was taken before sending, so expires_at is never later than the server's expiry.
-        return Lease(key, token, int(reply[1]), "redis", ttl, now + ttl, now)
+        return Lease(key, token, int(reply[1]), "redis", ttl, now + ttl, now, os.getpid())
 
     def _acquire_again(
         self, key: str, args: tuple[str, str, str, str, int, int], error: BaseException | None
