@@ -27,20 +27,9 @@ if TYPE_CHECKING:
 __all__ = ["LockManager", "Waiter"]
 
 
-#: Characters that never need escaping in a JSON string (the common case for keys, task ids
-#: and task names); anything else goes through json.dumps.
-_PLAIN_JSON = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:-_/@#!$%&'()*+,;<=>?[]^`|~{}"
-)
-
-
-def _json_str(value: str | None) -> str:
-    """``json.dumps(value)`` for a str or None, without the encoder for plain text (hot path)."""
-    if value is None:
-        return "null"
-    if _PLAIN_JSON.issuperset(value):
-        return f'"{value}"'
-    return json.dumps(value)
+#: Compact JSON for holder metadata (made once: ``json.dumps`` with options builds an encoder per
+#: call). ASCII only, so a record is valid in any encoding a store may apply.
+_encode_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
 class Waiter:
@@ -323,16 +312,25 @@ class LockManager(abc.ABC):
         finally:
             waiter.close()
 
+    def _record(
+        self, key: str, now: float, ttl: float, task_id: str | None, task_name: str | None
+    ) -> dict[str, Any]:
+        """Holder metadata as a dict (token and fence are added by the backend)."""
+        return {
+            "v": 1,
+            "key": key,
+            **_identity.current().fields,
+            "task_id": task_id,
+            "task_name": task_name,
+            "acquired": now,
+            "ttl": ttl,
+        }
+
     def _meta(
         self, key: str, now: float, ttl: float, task_id: str | None, task_name: str | None
     ) -> str:
-        """Holder metadata as a JSON object text (token and fence are added by the backend)."""
-        ident = _identity.current()
-        return (
-            f'{{"v":1,"key":{_json_str(key)},{ident.json_fragment},'
-            f'"task_id":{_json_str(task_id)},"task_name":{_json_str(task_name)},'
-            f'"acquired":{now!r},"ttl":{ttl!r}}}'
-        )
+        """Holder metadata as compact, ASCII-only JSON text (see :meth:`_record`)."""
+        return _encode_json(self._record(key, now, ttl, task_id, task_name))
 
     def _owned(self, lease: Lease) -> Lease:
         """``lease`` marked as this process's (for backends that build leases without a pid)."""

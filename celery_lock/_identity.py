@@ -9,10 +9,10 @@ into is left to its TTL.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
 import threading
+from collections.abc import Mapping
 from typing import Any, Final
 
 __all__ = ["Identity", "current", "holder_is_dead"]
@@ -59,7 +59,7 @@ def process_start(pid: int) -> tuple[int, str] | None:
 class Identity:
     """This process's identity; recomputed after fork (the pid changes)."""
 
-    __slots__ = ("boot_id", "host", "json_fragment", "pid", "pid_ns", "start")
+    __slots__ = ("boot_id", "fields", "host", "pid", "pid_ns", "start")
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -68,17 +68,15 @@ class Identity:
         self.pid_ns = _pid_ns()
         found = process_start(self.pid)
         self.start = found[0] if found else None
-        # Serialised once: holder metadata is written on every acquire (hot path).
-        self.json_fragment = json.dumps(
-            {
-                "host": self.host,
-                "pid": self.pid,
-                "start": self.start,
-                "boot": self.boot_id,
-                "pidns": self.pid_ns,
-            },
-            separators=(",", ":"),
-        )[1:-1]
+        #: The fields every lock's holder metadata records about its holder, in the names the
+        #: metadata uses. Built once (locks are written on the hot path); read-only.
+        self.fields: Mapping[str, object] = {
+            "host": self.host,
+            "pid": self.pid,
+            "start": self.start,
+            "boot": self.boot_id,
+            "pidns": self.pid_ns,
+        }
 
     def same_host(self, meta: dict[str, Any]) -> bool:
         """True when ``meta`` was written on this host in this boot."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import pickle
@@ -184,13 +185,15 @@ def test_nothing_above_debug_on_the_hot_path(caplog: pytest.LogCaptureFixture) -
     ],
 )
 def test_metadata_strings_are_exact_json(value: str | None) -> None:
-    import json
-
-    from celery_lock._base import _json_str
-
-    assert json.loads(_json_str(value)) == value
-    if value is not None:
-        assert _json_str(value) == json.dumps(value)
+    """Holder metadata is JSON built from a dict: any key, task id or task name comes back
+    exactly, and the text is ASCII (a store may encode it any way)."""
+    m = MemoryLockManager()
+    text = m._meta(value or "k", 1.5, 30.0, value, value)
+    assert text.isascii()
+    meta = json.loads(text)
+    assert (meta["key"], meta["task_id"], meta["task_name"]) == (value or "k", value, value)
+    assert (meta["v"], meta["acquired"], meta["ttl"]) == (1, 1.5, 30.0)
+    assert meta["pid"] == os.getpid()
 
 
 def test_a_lease_of_another_process_is_never_released_or_extended(
