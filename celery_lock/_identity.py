@@ -4,6 +4,10 @@ The holder metadata written into every lock lets a contender on the same host pr
 holder is dead (so its lock can be broken at once instead of after the TTL). Death is only ever
 *proved*, never guessed: a lock from another host, another boot or a pid namespace we cannot see
 into is left to its TTL.
+
+The proof reads Linux's procfs. Elsewhere (macOS, the BSDs) nothing here fails: the boot id, pid
+namespace and start time are None, :func:`holder_is_dead` never proves a death, and locks end by
+expiry. Nothing at import time touches procfs.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import os
 import socket
 import threading
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any
 
 __all__ = ["Identity", "current", "holder_is_dead"]
 
-_PROC: Final = "/proc"
+#: Where procfs is mounted (tests point it elsewhere to play a system without one).
+_PROC = "/proc"
 
 
 def _read(path: str) -> str | None:
@@ -108,8 +113,10 @@ def holder_is_dead(meta: dict[str, Any]) -> bool:
 
     Proof needs the same host, the same boot and the same pid namespace, and then either no
     process with that pid, a process whose start time differs (pid recycled) or a zombie.
+    Without a readable procfs (not Linux) nothing is ever proved: the answer is False.
     """
     me = current()
+    # Without procfs our boot id and pid namespace are None: nothing matches, nothing is proved.
     if not me.same_host(meta) or meta.get("pidns") != me.pid_ns or me.pid_ns is None:
         return False
     pid = meta.get("pid")
