@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a package (the "test" extra installs it there)
+    import tomli as tomllib
 
 import celery_lock
 from celery_lock import signals
