@@ -39,9 +39,8 @@ from redis.retry import Retry
 
 from celery_lock import _identity
 from celery_lock._types import Lease
+from celery_lock.backends._redis_scripts import BREAK, RELEASE
 from celery_lock.backends.redis import (
-    _BREAK,
-    _RELEASE,
     RedisLockManager,
     _wait_slice,
     is_connection_error,
@@ -442,7 +441,7 @@ def test_a_release_whose_reply_is_lost_on_the_wire_reports_true(
         assert warm is not None and manager.release(warm)
         lease = manager.acquire("k", ttl=30)
         assert lease is not None
-        proxy.lose_reply_to(_RELEASE.sha.encode())
+        proxy.lose_reply_to(RELEASE.sha.encode())
         assert manager.release(lease) is True
         assert proxy.lost == 1
         assert RedisLockManager(redis_client).release(lease) is False  # a second call
@@ -915,7 +914,7 @@ class SuccessorFirst(fakeredis.FakeRedis):
     """A successor takes the lock just before each compare-and-delete reaches the server."""
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        if args[:2] == ("EVALSHA", _BREAK.sha):
+        if args[:2] == ("EVALSHA", BREAK.sha):
             self.set(args[3], holder_value("n" * 32, 99), px=10_000)
         return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
@@ -924,7 +923,7 @@ class BreakFails(fakeredis.FakeRedis):
     """The connection drops on each compare-and-delete."""
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        if args[:2] == ("EVALSHA", _BREAK.sha):
+        if args[:2] == ("EVALSHA", BREAK.sha):
             raise redis.ConnectionError("Connection reset by peer")
         return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 

@@ -13,7 +13,7 @@ import os
 import secrets
 import time as _time
 from collections.abc import Iterator
-from typing import Any, Final, NamedTuple, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import redis
 from redis.backoff import NoBackoff
@@ -33,6 +33,7 @@ from redis.retry import Retry
 from celery_lock import _identity
 from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
+from celery_lock.backends import _redis_scripts as scripts
 from celery_lock.errors import LockBackendUnavailable
 
 __all__ = ["RedisLockManager", "is_connection_error"]
@@ -67,137 +68,6 @@ _CONNECTION_REPLIES: Final = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN"
 
 #: Characters with a meaning in a ``SCAN MATCH`` pattern, escaped in the prefix.
 _GLOB_ESCAPES: Final = str.maketrans({c: "\\" + c for c in "*?[]\\"})
-
-# Scripts compare the token by prefix: a lock value is "<token> <fence> <json-metadata>" and a
-# token never contains a space, so "<token> " cannot match another holder's value.
-# Requires Redis >= 5 (script effects replication: the acquire script writes after TIME).
-
-
-class _Lua(NamedTuple):
-    """A Lua script's source and the SHA1 that Redis names it by (EVALSHA)."""
-
-    source: str
-    sha: str
-
-
-def _lua(source: str) -> _Lua:
-    # Our sources are ASCII, so the SHA does not depend on the client's encoding.
-    return _Lua(source, hashlib.sha1(source.encode("ascii"), usedforsecurity=False).hexdigest())
-
-
-_ACQUIRE: Final = _lua(
-    """
--- Acquire, or confirm that we already hold the lock (a retried call after a lost reply).
--- KEYS[1] lock key, KEYS[2] fence counter (same hash tag)
--- ARGV[1] token, ARGV[2] holder metadata (JSON), ARGV[3] lease ttl (ms),
--- ARGV[4] fence counter ttl (ms)
--- returns {1, fence} acquired; {2, fence} already ours (ttl refreshed);
---         {0, pttl, value} held by someone else (their value carries holder metadata)
-local value = redis.call('GET', KEYS[1])
--- A value starting with '~' is a released lock's tombstone (see _RELEASE): free.
-if value and string.byte(value, 1) ~= 126 then
-  if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
-    return {2, string.match(value, '^%S+ (%d+)')}
-  end
-  return {0, redis.call('PTTL', KEYS[1]), value}
-end
-local fence
-local n = redis.call('INCR', KEYS[2])
-if n == 1 then
-  -- A new (or expired) counter starts at the server clock in microseconds. Acquires of a key
-  -- run one after another and each takes more than a microsecond, so a counter never runs
-  -- ahead of the clock and the new one starts above every fence handed out before, unless the
-  -- clock went back by more than the >= 60 s the old counter sat idle. Built from TIME's
-  -- strings: Lua would print a number this large as 1.7e+15.
-  local t = redis.call('TIME')
-  fence = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
-  redis.call('SET', KEYS[2], fence)
-else
-  fence = string.format('%.0f', n)
-end
--- Refreshed per acquire, so counters of keys that are no longer used disappear.
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. fence .. ' ' .. ARGV[2], 'PX', ARGV[3])
-return {1, fence}
-"""
-)
-
-_RELEASE: Final = _lua(
-    """
--- Release: end the lock only while it still holds our token, then wake the waiters.
--- Instead of a DEL it leaves a short-lived tombstone '~<token> <release id>' (free for every
--- acquirer and reader). The release id is new for every release call, and a client that re-sends
--- a call after a lost reply re-sends the same one: the re-sent call finds its own tombstone and
--- learns that it succeeded, while a second release of the same lease (another call, through any
--- manager instance) finds a different id and is told the lease no longer held the lock.
--- The tombstone lives 30 s: well above a client's socket timeout times its retries.
--- KEYS[1] lock key; ARGV[1] token, ARGV[2] release id
--- returns 1 released (by this call, or by an earlier attempt of it whose reply was lost),
---         0 not ours (expired, taken over or released by another call: left alone)
-local value = redis.call('GET', KEYS[1])
-if not value then
-  return 0
-end
-if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-  local set = redis.pcall('SET', KEYS[1], '~' .. ARGV[1] .. ' ' .. ARGV[2], 'PX', 30000)
-  if type(set) == 'table' and set.err then
-    -- At maxmemory with noeviction a SET is refused, a DEL is not. Releasing matters more
-    -- than recognising a re-sent release.
-    redis.call('DEL', KEYS[1])
-  end
-  redis.call('PUBLISH', KEYS[1] .. ':wake', '1')
-  return 1
-end
-if value == '~' .. ARGV[1] .. ' ' .. ARGV[2] then
-  return 1
-end
-return 0
-"""
-)
-
-_EXTEND: Final = _lua(
-    """
--- Extend: reset the lease ttl only while the lock still holds our token.
--- KEYS[1] lock key; ARGV[1] token, ARGV[2] new ttl (ms, >= 1: PEXPIRE 0 would delete the key,
--- redis/redis-py#4279)
--- returns 1 renewed, 0 not ours
-local value = redis.call('GET', KEYS[1])
-if value and string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-)
-
-_BREAK: Final = _lua(
-    """
--- Break: delete a lock judged breakable (dead holder, cleaner, break_lock) only if it still
--- holds exactly the value that was judged, so a successor's lock is never deleted.
--- KEYS[1] lock key; ARGV[1] the exact value read before, ARGV[2] wake-up channel
--- returns 1 deleted (waiters woken), 0 the lock changed meanwhile (left alone)
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], '1')
-  return 1
-end
-return 0
-"""
-)
-
-_INSPECT: Final = _lua(
-    """
--- Inspect: value and remaining ttl in one round trip, read atomically.
--- KEYS[1] lock key
--- returns nil when free, else {value, pttl ms}
-local value = redis.call('GET', KEYS[1])
-if not value or string.byte(value, 1) == 126 then  -- '~': a released lock's tombstone
-  return false
-end
-return {value, redis.call('PTTL', KEYS[1])}
-"""
-)
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -308,7 +178,7 @@ class RedisLockManager(LockManager):
 
     # ------------------------------------------------------------------ hot path
 
-    def _eval(self, script: _Lua, numkeys: int, *keys_and_args: str | int | bytes) -> Any:
+    def _eval(self, script: scripts.Lua, numkeys: int, *keys_and_args: str | int | bytes) -> Any:
         """Run ``script`` by EVALSHA; load it and run it again when the server answers NOSCRIPT.
 
         redis-py's ``Script`` object (``register_script``) does the same, but adds ~5 us of
@@ -341,7 +211,7 @@ class RedisLockManager(LockManager):
         if self._orphans:
             self._reap_orphans()
         try:
-            reply = self._eval(_ACQUIRE, 2, *args)
+            reply = self._eval(scripts.ACQUIRE, 2, *args)
         except _CLIENT_ERRORS as exc:
             reply = self._acquire_again(key, args, exc)
         if reply[0] == 0 and self._break_if_dead(key, name, reply[2]):
@@ -361,7 +231,7 @@ class RedisLockManager(LockManager):
         # token makes the retry answer "already ours" instead of "busy" (simstudioai/sim#6864).
         # Without one, a dead holder's lock was just broken.
         try:
-            reply: list[Any] = self._eval(_ACQUIRE, 2, *args)
+            reply: list[Any] = self._eval(scripts.ACQUIRE, 2, *args)
         except _CLIENT_ERRORS as exc:
             if error is not None:
                 # Twice no answer: the script may have run (the reply lost), leaving the key
@@ -377,7 +247,7 @@ class RedisLockManager(LockManager):
         while self._orphans:
             name, token = self._orphans[0]
             try:
-                self._eval(_RELEASE, 1, name, token, _release_id())
+                self._eval(scripts.RELEASE, 1, name, token, _release_id())
             except _CLIENT_ERRORS:
                 return  # still unreachable: try again next time
             with contextlib.suppress(IndexError):
@@ -388,7 +258,7 @@ class RedisLockManager(LockManager):
         try:
             # One release id per call: redis-py's own retry of this command (after a lost
             # reply) re-sends the same id and is recognised by the script; any other call is not.
-            released = self._eval(_RELEASE, 1, name, lease.token, _release_id())
+            released = self._eval(scripts.RELEASE, 1, name, lease.token, _release_id())
         except _CLIENT_ERRORS as exc:
             # Whether the server ran the script is unknown. The lease keeps its token, so a
             # later call can still release it if this one never arrived (redis/redis-py#3847,
@@ -405,7 +275,7 @@ class RedisLockManager(LockManager):
         # token, which is exactly "not expired" by the server's clock.
         try:
             renewed = self._eval(
-                _EXTEND, 1, self._name(lease.key), lease.token, math.ceil(ttl * 1000)
+                scripts.EXTEND, 1, self._name(lease.key), lease.token, math.ceil(ttl * 1000)
             )
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(lease.key, exc) from exc
@@ -520,7 +390,7 @@ class RedisLockManager(LockManager):
     def _read(self, key: str | None, name: str) -> tuple[bytes | str, int] | None:
         """``(value, pttl ms)`` of lock ``name`` in one round trip, or None when it is free."""
         try:
-            found = self._eval(_INSPECT, 1, name)
+            found = self._eval(scripts.INSPECT, 1, name)
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(key, exc) from exc
         return None if found is None else (found[0], int(found[1]))
@@ -558,7 +428,7 @@ class RedisLockManager(LockManager):
 
     def _compare_and_delete(self, key: str, name: str, value: bytes | str) -> bool:
         try:
-            deleted: int = self._eval(_BREAK, 1, name, value, name + ":wake")
+            deleted: int = self._eval(scripts.BREAK, 1, name, value, name + ":wake")
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(key, exc) from exc
         return deleted == 1
