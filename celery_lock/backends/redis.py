@@ -42,7 +42,7 @@ __all__ = ["RedisLockManager", "is_connection_error"]
 #: a Sentinel master client, both subclasses) or ``redis.cluster.RedisCluster``.
 RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 
-#: Fence counters live at least this long after the last acquire (ms); see ``_ACQUIRE``.
+#: Fence counters live at least this long after the last acquire (ms); see ``scripts.ACQUIRE``.
 _MIN_FENCE_TTL_MS: Final = 60_000
 
 #: Everything a redis-py call can raise: its own errors, cluster set-up errors (not RedisError
@@ -124,8 +124,8 @@ class RedisLockManager(LockManager):
         self._prefix = prefix
         #: (lock key, token) of acquires that raised although the server may have granted them.
         #: Not a release mechanism: no lease was ever handed out for these tokens, so nobody
-        #: would release them, and without this the key would stay blocked until its ttl. They
-        #: are compare-and-deleted on the next call that reaches the server (see _acquire_again).
+        #: would release them, and without this the key would stay blocked until its ttl. The
+        #: next call that reaches the server releases them by token (see _acquire_again).
         self._orphans: collections.deque[tuple[str, str]] = collections.deque(maxlen=1024)
 
     @classmethod
