@@ -593,7 +593,8 @@ def test_forked_children_share_a_manager_with_their_parent(
 ) -> None:
     """Parent and forked children run scripts at the same time through one manager object: each
     gets its own replies, and each releases the leases it acquired itself."""
-    manager = RedisLockManager(redis_server.client(db=9))
+    client = redis_server.client(db=9)
+    manager = RedisLockManager(client)
     cycle(manager, "warm", 1)  # the parent's pool has an open connection
     ctx = multiprocessing.get_context("fork")
     children = [
@@ -606,6 +607,7 @@ def test_forked_children_share_a_manager_with_their_parent(
         child.join(timeout=60)
     assert [child.exitcode for child in children] == [0, 0]
     cycle(manager, "parent", 5)
+    client.close()
 
 
 @pytest.mark.redis
