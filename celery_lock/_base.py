@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import random
 import secrets
 import time as _time
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery_lock import _identity
 from celery_lock._types import CleanReport, Lease, LockInfo
@@ -19,23 +21,15 @@ from celery_lock._validate import check_key, check_timeout, check_ttl
 from celery_lock.errors import LockLost, LockNotAcquired
 from celery_lock.modes import LockMode
 
+if TYPE_CHECKING:
+    from celery_lock.renewer import RenewalHandle
+
 __all__ = ["LockManager", "Waiter"]
 
 
-#: Characters that never need escaping in a JSON string (the common case for keys, task ids
-#: and task names); anything else goes through json.dumps.
-_PLAIN_JSON = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:-_/@#!$%&'()*+,;<=>?[]^`|~{}"
-)
-
-
-def _json_str(value: str | None) -> str:
-    """``json.dumps(value)`` for a str or None, without the encoder for plain text (hot path)."""
-    if value is None:
-        return "null"
-    if _PLAIN_JSON.issuperset(value):
-        return f'"{value}"'
-    return json.dumps(value)
+#: Compact JSON for holder metadata (made once: ``json.dumps`` with options builds an encoder per
+#: call). ASCII only, so a record is valid in any encoding a store may apply.
+_encode_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
 class Waiter:
@@ -103,6 +97,8 @@ class LockManager(abc.ABC):
         token = secrets.token_hex(16)
         started = _time.monotonic()
         lease = self._try_acquire(key, ttl_s, token, task_id, task_name)
+        if lease is not None and lease.pid is None:
+            lease = self._owned(lease)
         if lease is not None or mode is LockMode.EXECUTION:
             if lease is None and self._log.isEnabledFor(logging.DEBUG):
                 self._log.debug(
@@ -116,11 +112,15 @@ class LockManager(abc.ABC):
         )
 
     def release(self, lease: Lease) -> bool:
-        """Release ``lease``; True only if it still held the lock.
+        """Release ``lease``; True only if it still held the lock and this call released it.
 
-        A lease that expired or was taken over is never allowed to touch the new holder's lock.
+        A lease that expired or was taken over is never allowed to touch the new holder's lock. A
+        second release of one lease says False. In a process other than the one that acquired
+        the lease (a forked child) it returns False and leaves the lock alone.
         """
         self._check_lease(lease)
+        if not self._in_owner(lease, "release"):
+            return False
         released = self._release(lease)
         if self._log.isEnabledFor(logging.DEBUG):
             self._log.debug(
@@ -134,10 +134,13 @@ class LockManager(abc.ABC):
     def extend(self, lease: Lease, ttl: float | None = None) -> Lease | None:
         """Renew ``lease`` for ``ttl`` seconds from now (None: its own ttl).
 
-        Returns the renewed lease (same token and fence), or None when it was lost or expired.
+        Returns the renewed lease (same token and fence), or None when it was lost or expired,
+        and None without touching the store in a process other than the one that acquired it.
         """
         self._check_lease(lease)
         ttl_s = lease.ttl if ttl is None else check_ttl(ttl)
+        if not self._in_owner(lease, "extend"):
+            return None
         return self._extend(lease, ttl_s)
 
     def is_locked(self, key: str) -> bool:
@@ -211,19 +214,36 @@ class LockManager(abc.ABC):
             yield lease
             body_failed = False
         finally:
-            lost = False
-            if handle is not None:
-                handle.cancel()
-                lease = handle.lease
-                lost = handle.lost
-            released = self.release(lease) and not lost
-            if not released and not body_failed:
-                raise LockLost(
-                    f"lock {key!r} was lost while the body ran (expired or taken over)",
-                    key=key,
-                    backend=lease.backend,
-                    fence=lease.fence,
+            if lease.pid is None or lease.pid == os.getpid():
+                self._leave(key, lease, handle, body_failed=body_failed)
+            else:
+                # A child forked inside the block leaves it: the lock is its parent's, which
+                # goes on holding it (and renewing it: the renewer thread is the parent's).
+                self._log.debug(
+                    "lock %s left in forked child %d: kept for process %d",
+                    key,
+                    os.getpid(),
+                    lease.pid,
+                    extra=self._extra(lease),
                 )
+
+    def _leave(
+        self, key: str, lease: Lease, handle: RenewalHandle | None, *, body_failed: bool
+    ) -> None:
+        """End the ``lock()`` block: stop renewing, release, raise LockLost if it was lost."""
+        lost = False
+        if handle is not None:
+            handle.cancel()
+            lease = handle.lease
+            lost = handle.lost
+        released = self.release(lease) and not lost
+        if not released and not body_failed:
+            raise LockLost(
+                f"lock {key!r} was lost while the body ran (expired or taken over)",
+                key=key,
+                backend=lease.backend,
+                fence=lease.fence,
+            )
 
     @abc.abstractmethod
     def clean(self, *, dry_run: bool = False) -> CleanReport:
@@ -278,6 +298,8 @@ class LockManager(abc.ABC):
                 # the attempt and the wait still wakes us.
                 lease = self._try_acquire(key, ttl, token, task_id, task_name)
                 if lease is not None:
+                    if lease.pid is None:
+                        lease = self._owned(lease)
                     if self._log.isEnabledFor(logging.DEBUG):
                         self._debug_acquired(lease, (_time.monotonic() - started) * 1000)
                     return lease
@@ -303,16 +325,43 @@ class LockManager(abc.ABC):
         finally:
             waiter.close()
 
+    def _record(
+        self, key: str, now: float, ttl: float, task_id: str | None, task_name: str | None
+    ) -> dict[str, Any]:
+        """Holder metadata as a dict (token and fence are added by the backend)."""
+        return {
+            "v": 1,
+            "key": key,
+            **_identity.current().fields,
+            "task_id": task_id,
+            "task_name": task_name,
+            "acquired": now,
+            "ttl": ttl,
+        }
+
     def _meta(
         self, key: str, now: float, ttl: float, task_id: str | None, task_name: str | None
     ) -> str:
-        """Holder metadata as a JSON object text (token and fence are added by the backend)."""
-        ident = _identity.current()
-        return (
-            f'{{"v":1,"key":{_json_str(key)},{ident.json_fragment},'
-            f'"task_id":{_json_str(task_id)},"task_name":{_json_str(task_name)},'
-            f'"acquired":{now!r},"ttl":{ttl!r}}}'
-        )
+        """Holder metadata as compact, ASCII-only JSON text (see :meth:`_record`)."""
+        return _encode_json(self._record(key, now, ttl, task_id, task_name))
+
+    def _owned(self, lease: Lease) -> Lease:
+        """``lease`` marked as this process's (for backends that build leases without a pid)."""
+        return dataclasses.replace(lease, pid=os.getpid())
+
+    def _in_owner(self, lease: Lease, what: str) -> bool:
+        """True unless ``lease`` was acquired by another process (we are a forked child)."""
+        if lease.pid is None or lease.pid == os.getpid():
+            return True
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug(
+                "%s of lock %s skipped: the lease belongs to process %d",
+                what,
+                lease.key,
+                lease.pid,
+                extra=self._extra(lease),
+            )
+        return False
 
     def _check_lease(self, lease: object) -> None:
         if not isinstance(lease, Lease):

@@ -4,20 +4,25 @@ The holder metadata written into every lock lets a contender on the same host pr
 holder is dead (so its lock can be broken at once instead of after the TTL). Death is only ever
 *proved*, never guessed: a lock from another host, another boot or a pid namespace we cannot see
 into is left to its TTL.
+
+The proof reads Linux's procfs. Elsewhere (macOS, the BSDs) nothing here fails: the boot id, pid
+namespace and start time are None, :func:`holder_is_dead` never proves a death, and locks end by
+expiry. Nothing at import time touches procfs.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
 import threading
-from typing import Any, Final
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["Identity", "current", "holder_is_dead"]
 
-_PROC: Final = "/proc"
+#: Where procfs is mounted (tests point it elsewhere to play a system without one).
+_PROC = "/proc"
 
 
 def _read(path: str) -> str | None:
@@ -59,7 +64,7 @@ def process_start(pid: int) -> tuple[int, str] | None:
 class Identity:
     """This process's identity; recomputed after fork (the pid changes)."""
 
-    __slots__ = ("boot_id", "host", "json_fragment", "pid", "pid_ns", "start")
+    __slots__ = ("boot_id", "fields", "host", "pid", "pid_ns", "start")
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -68,17 +73,15 @@ class Identity:
         self.pid_ns = _pid_ns()
         found = process_start(self.pid)
         self.start = found[0] if found else None
-        # Serialised once: holder metadata is written on every acquire (hot path).
-        self.json_fragment = json.dumps(
-            {
-                "host": self.host,
-                "pid": self.pid,
-                "start": self.start,
-                "boot": self.boot_id,
-                "pidns": self.pid_ns,
-            },
-            separators=(",", ":"),
-        )[1:-1]
+        #: The fields every lock's holder metadata records about its holder, in the names the
+        #: metadata uses. Built once (locks are written on the hot path); read-only.
+        self.fields: Mapping[str, object] = {
+            "host": self.host,
+            "pid": self.pid,
+            "start": self.start,
+            "boot": self.boot_id,
+            "pidns": self.pid_ns,
+        }
 
     def same_host(self, meta: dict[str, Any]) -> bool:
         """True when ``meta`` was written on this host in this boot."""
@@ -110,8 +113,10 @@ def holder_is_dead(meta: dict[str, Any]) -> bool:
 
     Proof needs the same host, the same boot and the same pid namespace, and then either no
     process with that pid, a process whose start time differs (pid recycled) or a zombie.
+    Without a readable procfs (not Linux) nothing is ever proved: the answer is False.
     """
     me = current()
+    # Without procfs our boot id and pid namespace are None: nothing matches, nothing is proved.
     if not me.same_host(meta) or meta.get("pidns") != me.pid_ns or me.pid_ns is None:
         return False
     pid = meta.get("pid")

@@ -13,8 +13,9 @@ class Lease:
     """One held lock.
 
     Ownership is the ``token``: any manager instance of the same backend and store can release or
-    extend the lease. ``fence`` strictly increases across successive leases of one key on one
-    backend; pass it to the resource you protect so it can refuse writes from an older holder.
+    extend the lease, in the process that acquired it (a forked child cannot). ``fence`` strictly
+    increases across successive leases of one key on one backend; pass it to the resource you
+    protect so it can refuse writes from an older holder.
     """
 
     #: The lock key as the caller gave it.
@@ -31,6 +32,10 @@ class Lease:
     expires_at: float
     #: Wall-clock epoch seconds when the lock was acquired (kept by ``extend``).
     acquired_at: float = 0.0
+    #: Process id of the process that acquired the lease; only that process may release or
+    #: extend it (a child forked while it was held must not end its parent's lock). None:
+    #: unknown (a lease built by hand), any process may. Not shown and not compared.
+    pid: int | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         # Never print the whole token: it is a capability.

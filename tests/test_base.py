@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import pickle
 import threading
 import time
@@ -182,10 +185,46 @@ def test_nothing_above_debug_on_the_hot_path(caplog: pytest.LogCaptureFixture) -
     ],
 )
 def test_metadata_strings_are_exact_json(value: str | None) -> None:
-    import json
+    """Holder metadata is JSON built from a dict: any key, task id or task name comes back
+    exactly, and the text is ASCII (a store may encode it any way)."""
+    m = MemoryLockManager()
+    text = m._meta(value or "k", 1.5, 30.0, value, value)
+    assert text.isascii()
+    meta = json.loads(text)
+    assert (meta["key"], meta["task_id"], meta["task_name"]) == (value or "k", value, value)
+    assert (meta["v"], meta["acquired"], meta["ttl"]) == (1, 1.5, 30.0)
+    assert meta["pid"] == os.getpid()
 
-    from celery_lock._base import _json_str
 
-    assert json.loads(_json_str(value)) == value
-    if value is not None:
-        assert _json_str(value) == json.dumps(value)
+def test_a_lease_of_another_process_is_never_released_or_extended(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A lease acquired by another process (as a forked child sees its parent's) is refused
+    before the store is touched; a lease that does not say who acquired it is allowed."""
+    caplog.set_level(logging.DEBUG, logger="celery_lock")
+    m = MemoryLockManager()
+    lease = m.acquire("k")
+    assert lease is not None and lease.pid == os.getpid()
+    assert "pid" not in repr(lease)
+    parents = dataclasses.replace(lease, pid=os.getpid() + 1)
+    assert parents == lease  # the pid is not part of a lease's identity
+    m.calls.clear()
+    assert m.release(parents) is False
+    assert m.extend(parents) is None
+    assert m.calls == []
+    assert m.is_locked("k")
+    assert sum("belongs to process" in r.getMessage() for r in caplog.records) == 2
+    anyone = dataclasses.replace(lease, pid=None)
+    assert m.extend(anyone) is not None
+    assert m.release(anyone) is True
+
+
+def test_leases_record_the_acquiring_process_on_every_path() -> None:
+    m = MemoryLockManager()
+    first = m.acquire("k")
+    assert first is not None and first.pid == os.getpid()
+    threading.Timer(0.05, m.release, args=(first,)).start()
+    waited = m.acquire("k", mode="queue", timeout=5)
+    assert waited is not None and waited.pid == os.getpid()
+    renewed = m.extend(waited)
+    assert renewed is not None and renewed.pid == os.getpid()

@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import fakeredis
 import pytest
 
-from celery_lock import _identity
+from celery_lock import RedisLockManager, _identity
 
 
 def meta_for(pid: int, **overrides: object) -> dict[str, object]:
@@ -41,7 +43,13 @@ def test_current_identity_is_cached_and_complete() -> None:
     assert me is _identity.current()
     assert me.pid == os.getpid()
     assert me.boot_id and me.pid_ns and isinstance(me.start, int)
-    assert f'"pid":{me.pid}' in me.json_fragment
+    assert me.fields == {
+        "host": me.host,
+        "pid": me.pid,
+        "start": me.start,
+        "boot": me.boot_id,
+        "pidns": me.pid_ns,
+    }
 
 
 def test_live_process_is_not_dead(sleeper: subprocess.Popen[bytes]) -> None:
@@ -109,3 +117,32 @@ def test_forked_child_has_its_own_identity() -> None:
     assert os.read(read, 1) == b"1"
     os.close(read)
     os.waitpid(pid, 0)
+
+
+def test_without_procfs_nothing_is_proved_and_nothing_fails(
+    sleeper: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As on macOS or a BSD: no procfs. The identity has no boot id, pid namespace or start
+    time, no holder is ever proved dead (its lock ends by expiry), and locks still work."""
+    meta = meta_for(sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
+    assert _identity.holder_is_dead(meta)  # with procfs: proved
+    monkeypatch.setattr(_identity, "_PROC", str(tmp_path / "no-procfs"))
+    monkeypatch.setattr(_identity, "_current", None)
+    me = _identity.current()
+    assert (me.boot_id, me.pid_ns, me.start) == (None, None, None)
+    assert me.pid == os.getpid()
+    assert _identity.process_start(sleeper.pid) is None
+    assert not _identity.holder_is_dead(meta)
+    # A holder recorded on such a system, on this host, that is gone: still no proof.
+    assert not _identity.holder_is_dead(dict(meta, boot=None, pidns=None, start=None))
+
+    manager = RedisLockManager(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    lease = manager.acquire("k", ttl=30)
+    assert lease is not None
+    info = manager.inspect("k")
+    assert info is not None and info.pid == os.getpid()
+    assert manager.break_lock("k", only_if_dead=True) is False
+    assert manager.clean().removed == 0
+    assert manager.release(lease) is True

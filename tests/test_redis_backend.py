@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import pickle
+import re
+import select
 import signal
 import socket
 import statistics
@@ -38,14 +39,15 @@ from redis.retry import Retry
 
 from celery_lock import _identity
 from celery_lock._types import Lease
+from celery_lock.backends._redis_scripts import BREAK, RELEASE
 from celery_lock.backends.redis import (
-    _BREAK,
     RedisLockManager,
     _wait_slice,
     is_connection_error,
 )
 from celery_lock.errors import LockBackendUnavailable, LockLost, LockNotAcquired
 from tests._contention import run_contention
+from tests._lossy_proxy import LossyProxy
 from tests._redis_server import RedisServer, free_port, skip_or_fail
 from tests._workers import wait_for
 
@@ -64,7 +66,7 @@ def name_of(key: str, prefix: str = "celery_lock") -> str:
     """The Redis key a lock on ``key`` is stored under (spelled out independently of the code)."""
     if "{" in key or "}" in key or "\ud800" in key:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        return f"{prefix}:{{#{digest}}}"
+        return f"{prefix}:#{{{digest}}}"
     return f"{prefix}:{{{key}}}"
 
 
@@ -245,8 +247,8 @@ def test_acquire_release_roundtrip(manager: RedisLockManager, client: Any) -> No
     assert manager.release(lease) is True
     assert manager.release(lease) is False
     assert not manager.is_locked("k")
-    # What stays is a short-lived tombstone (free for everybody; see _RELEASE).
-    assert text(client.get("celery_lock:{k}")) == "~" + lease.token
+    # What stays is a short-lived tombstone with the release call's id (free for everybody).
+    assert re.fullmatch(f"~{lease.token} [0-9a-f]{{16}}", text(client.get("celery_lock:{k}")) or "")
     assert 0 < client.pttl("celery_lock:{k}") <= 30_000
 
 
@@ -384,22 +386,67 @@ def test_the_server_clock_decides_expiry(manager: RedisLockManager, client: Any)
     assert manager.release(short) is False
 
 
-def test_a_resent_release_recognises_its_own_success(
+def test_a_second_release_is_false_through_any_instance(
     manager: RedisLockManager, client: Any
 ) -> None:
-    """The release leaves a tombstone: a second manager instance (or a client retry after a
-    lost reply) releasing the same lease learns it succeeded; acquirers see a free key."""
+    """Two manager instances on one server: the first release of a lease says True, a second
+    one (another call, another instance) says False; acquirers see a free key meanwhile."""
     lease = manager.acquire("k", ttl=30)
     assert lease is not None
     other = RedisLockManager(client)
-    assert manager.release(lease) is True
-    assert other.release(lease) is True  # what a re-sent release sees
+    assert other.release(lease) is True
+    assert manager.release(lease) is False
+    assert other.release(lease) is False
     assert not manager.is_locked("k") and manager.inspect("k") is None
     assert [i.key for i in manager.iter_locks()] == []
     successor = other.acquire("k")
     assert successor is not None
-    assert other.release(lease) is False  # a successor holds it now: left alone
+    assert manager.release(lease) is False  # a successor holds it now: left alone
     assert manager.is_locked("k")
+
+
+class ResendsScripts(fakeredis.FakeRedis):
+    """Sends every EVALSHA twice with the same arguments and answers with the second reply:
+    what a client does when the first reply is lost and its retry policy re-sends the call."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        if args[0] == "EVALSHA":
+            super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+def test_a_resent_release_call_recognises_its_own_success(fake_redis: Any) -> None:
+    """The re-sent release finds the tombstone its first attempt left (same release id) and
+    reports True; a later, separate release call of the same lease still says False."""
+    plain = RedisLockManager(fake_redis)
+    resending = RedisLockManager(ResendsScripts(server=fake_redis.fake_server))
+    lease = plain.acquire("k", ttl=30)
+    assert lease is not None
+    assert resending.release(lease) is True
+    assert resending.release(lease) is False
+    assert plain.release(lease) is False
+    assert not plain.is_locked("k")
+
+
+@pytest.mark.redis
+def test_a_release_whose_reply_is_lost_on_the_wire_reports_true(
+    redis_server: RedisServer, redis_client: Any
+) -> None:
+    """A proxy between client and server lets the release script run and drops its reply with
+    the connection; redis-py's Retry re-sends the same call, which finds its own tombstone."""
+    with LossyProxy(redis_server.port) as proxy:
+        client = redis.Redis(port=proxy.port, db=9, socket_timeout=2.0, retry=Retry(NoBackoff(), 1))
+        manager = RedisLockManager(client)
+        warm = manager.acquire("warm")  # scripts loaded: the release is one EVALSHA
+        assert warm is not None and manager.release(warm)
+        lease = manager.acquire("k", ttl=30)
+        assert lease is not None
+        proxy.lose_reply_to(RELEASE.sha.encode())
+        assert manager.release(lease) is True
+        assert proxy.lost == 1
+        assert RedisLockManager(redis_client).release(lease) is False  # a second call
+        assert not manager.is_locked("k")
+        client.close()
 
 
 # ------------------------------------------------------------------------ context manager
@@ -429,6 +476,53 @@ def test_lock_body_error_wins_over_lock_lost(manager: RedisLockManager, client: 
         raise KeyError("body")
 
 
+def _leave_in_child(manager: RedisLockManager, lease: Lease) -> bytes:
+    """What a forked child reports after its copy of ``with manager.lock(...)`` has ended."""
+    info = manager.inspect("k")
+    if info is None or info.token_prefix != lease.token[:8]:
+        return b"released the parent's lock"
+    if manager.extend(lease) is not None or manager.release(lease) is not False:
+        return b"allowed to extend or release"
+    return b"ok"
+
+
+@pytest.mark.parametrize("client_kind", ["fake", pytest.param("real", marks=pytest.mark.redis)])
+def test_forked_child_never_releases_its_parents_lock(
+    request: pytest.FixtureRequest, client_kind: str
+) -> None:
+    """A child forked inside ``with manager.lock("k"):`` runs past the block: it leaves without
+    LockLost and without touching the lock, which its parent still holds afterwards. (On
+    fakeredis the child's store is a copy, so the child checks its own view too.)"""
+    if client_kind == "real":
+        client = request.getfixturevalue("redis_client")
+    else:
+        client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    manager = RedisLockManager(client)
+    read, write = os.pipe()
+    child = -1
+    try:
+        with manager.lock("k", ttl=30) as lease:
+            child = os.fork()
+            if child:
+                os.close(write)
+                assert select.select([read], [], [], 30)[0], "no report from the child"
+                assert os.read(read, 100) == b"ok"
+                assert os.waitpid(child, 0)[1] == 0
+                info = manager.inspect("k")  # the parent, still in the block, still holds it
+                assert info is not None and info.token_prefix == lease.token[:8]
+        if child == 0:
+            os.write(write, _leave_in_child(manager, lease))
+    except BaseException as exc:
+        if child == 0:
+            os.write(write, repr(exc).encode()[:100])
+        raise
+    finally:
+        if child == 0:
+            os._exit(0)
+        os.close(read)
+    assert not manager.is_locked("k")  # the parent released it on leaving
+
+
 # ------------------------------------------------------------------------------- scripts
 
 
@@ -445,29 +539,7 @@ def test_noscript_is_reloaded(manager: RedisLockManager, client: Any) -> None:
     assert manager.acquire("k") is not None
 
 
-# ------------------------------------------------------------- the manager's own connection
-
-
-class CountingPool(redis.ConnectionPool):
-    """Counts borrows and returns, so a test can tell which path a script took."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.borrowed = 0
-        self.returned: list[Any] = []
-
-    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        self.borrowed += 1
-        return super().get_connection(*args, **kwargs)
-
-    def release(self, connection: Any) -> None:
-        self.returned.append(connection)
-        super().release(connection)
-
-
-def counting_client(server: RedisServer, **pool_kwargs: Any) -> tuple[redis.Redis, CountingPool]:
-    pool = CountingPool(host="127.0.0.1", port=server.port, db=9, **pool_kwargs)
-    return redis.Redis(connection_pool=pool), pool
+# ---------------------------------------------------------------------- clients, threads, fork
 
 
 def cycle(manager: RedisLockManager, key: str, times: int) -> None:
@@ -478,111 +550,33 @@ def cycle(manager: RedisLockManager, key: str, times: int) -> None:
         assert manager.release(lease) is True
 
 
-@pytest.mark.redis
-def test_scripts_run_on_one_kept_connection(redis_server: RedisServer, redis_client: Any) -> None:
-    """A plain client: the manager borrows one connection once and keeps it for its scripts;
-    it goes back to the pool when the manager is garbage-collected."""
-    client, pool = counting_client(redis_server)
-    client.script_flush()
-    manager = RedisLockManager(client)
-    cycle(manager, "k", 1)  # NOSCRIPT once per script: loaded through the client
-    borrowed, returned = pool.borrowed, len(pool.returned)
-    cycle(manager, "k", 50)  # 150 scripts
-    assert pool.borrowed == borrowed
-    assert len(pool.returned) == returned
-    del manager
-    gc.collect()
-    assert len(pool.returned) == returned + 1
-    assert client.ping()
-    client.close()
-
-
-@pytest.mark.redis
-@pytest.mark.parametrize(
-    "how", ["subclass", "instance-patch", "small-pool", "single-connection", "metrics-on"]
-)
-def test_clients_that_must_see_every_call_get_every_call(
-    redis_server: RedisServer, redis_client: Any, monkeypatch: pytest.MonkeyPatch, how: str
-) -> None:
-    """Tracing wrappers, test doubles, tiny pools, single-connection clients and redis-py's own
-    metrics: the scripts go through ``execute_command`` (a borrow per call), and still work."""
+@pytest.mark.parametrize("how", ["subclass", "instance-patch"])
+def test_clients_that_wrap_execute_command_see_every_script(fake_redis: Any, how: str) -> None:
+    """Tracing wrappers and test doubles see every call: scripts go through the client's
+    public ``evalsha``, which ends in its ``execute_command``."""
     seen: list[str] = []
     if how == "subclass":
 
-        class Traced(redis.Redis):
+        class Traced(fakeredis.FakeRedis):
             def execute_command(self, *args: Any, **options: Any) -> Any:
                 seen.append(args[0])
-                return super().execute_command(*args, **options)
+                return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
-        pool = CountingPool(host="127.0.0.1", port=redis_server.port, db=9)
-        client: redis.Redis = Traced(connection_pool=pool)
+        client: Any = Traced(server=fake_redis.fake_server)
     else:
-        client, pool = counting_client(
-            redis_server, **({"max_connections": 4} if how == "small-pool" else {})
-        )
-        if how == "instance-patch":
-            plain = client.execute_command
+        client = fakeredis.FakeRedis(server=fake_redis.fake_server)
+        plain = client.execute_command
 
-            def traced(*args: Any, **options: Any) -> Any:
-                seen.append(args[0])
-                return plain(*args, **options)
+        def traced(*args: Any, **options: Any) -> Any:
+            seen.append(args[0])
+            return plain(*args, **options)
 
-            client.execute_command = traced  # type: ignore[method-assign]
-        elif how == "single-connection":
-            client = redis.Redis(connection_pool=pool, single_connection_client=True)
-        elif how == "metrics-on":
-            from celery_lock.backends import redis as redis_backend
-
-            monkeypatch.setattr(redis_backend, "_metrics_enabled", lambda: True)
+        client.execute_command = traced
     manager = RedisLockManager(client)
-    borrowed = pool.borrowed
+    cycle(manager, "warm", 1)  # NOSCRIPT, SCRIPT LOAD, EVALSHA again: once per script
+    seen.clear()
     cycle(manager, "k", 5)
-    if how in ("subclass", "instance-patch"):
-        assert seen.count("EVALSHA") == 15
-    if how == "single-connection":
-        assert pool.borrowed == borrowed  # its one connection, taken at construction
-    else:
-        assert pool.borrowed - borrowed == 15
-    client.close()
-
-
-class Interrupted(BaseException):
-    """Stands for an asynchronous exception (a signal handler's) landing mid-call."""
-
-
-@pytest.mark.parametrize("client_kind", ["fake", pytest.param("real", marks=pytest.mark.redis)])
-def test_call_cut_short_between_send_and_reply_never_desyncs(
-    request: pytest.FixtureRequest, client_kind: str
-) -> None:
-    """An exception after the script was sent but before its reply was read: the reply must
-    not be taken as the answer to the next command (the connection is dropped and reopened)."""
-    if client_kind == "real":
-        client = request.getfixturevalue("redis_client")
-    else:
-        client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    manager = RedisLockManager(client)
-    held = manager.acquire("a")
-    assert held is not None
-    conn = manager._line.conn
-    assert conn is not None
-    read = conn.read_response
-    calls = 0
-
-    def interrupted_read(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise Interrupted  # the acquire script ran; its reply stays unread on the socket
-        return read(*args, **kwargs)
-
-    conn.read_response = interrupted_read
-    with pytest.raises(Interrupted):
-        manager.acquire("b")
-    info = manager.inspect("a")
-    assert info is not None and info.token_prefix == held.token[:8]
-    assert info.fence == held.fence
-    assert manager.release(held) is True
-    assert manager.inspect("a") is None
+    assert seen == ["EVALSHA"] * 15
 
 
 def _cycles_in_child(manager: RedisLockManager, key: str, times: int) -> None:
@@ -594,14 +588,14 @@ def _cycles_in_child(manager: RedisLockManager, key: str, times: int) -> None:
 
 
 @pytest.mark.redis
-def test_forked_child_does_not_share_the_parents_connection(
+def test_forked_children_share_a_manager_with_their_parent(
     redis_server: RedisServer, redis_client: Any
 ) -> None:
-    """Parent and forked child run scripts at the same time through one manager object: each
-    must get its own replies (a shared socket would cross them)."""
-    client, pool = counting_client(redis_server)
+    """Parent and forked children run scripts at the same time through one manager object: each
+    gets its own replies, and each releases the leases it acquired itself."""
+    client = redis_server.client(db=9)
     manager = RedisLockManager(client)
-    cycle(manager, "warm", 1)  # the parent's connection is open and kept
+    cycle(manager, "warm", 1)  # the parent's pool has an open connection
     ctx = multiprocessing.get_context("fork")
     children = [
         ctx.Process(target=_cycles_in_child, args=(manager, f"child-{i}", 200)) for i in range(2)
@@ -617,32 +611,9 @@ def test_forked_child_does_not_share_the_parents_connection(
 
 
 @pytest.mark.redis
-def test_kept_connection_closed_by_an_idle_server_is_reopened(
-    own_redis_server: RedisServer,
-) -> None:
-    """The server drops idle clients after 1 s (its `timeout`) and the client may not retry at
-    all: the next script must still succeed, as it would on a freshly borrowed connection."""
-    admin = own_redis_server.client()
-    admin.config_set("timeout", 1)
-    client = redis.Redis(port=own_redis_server.port, retry=Retry(NoBackoff(), 0))
-    manager = RedisLockManager(client)
-    cycle(manager, "k", 1)
-    lease = manager.acquire("k")
-    assert lease is not None and manager._line.conn is not None
-    # Every connection but the one asking is gone (admin's own reconnects for each look).
-    wait_until(lambda: len(admin.client_list()) == 1, timeout=10, what="idle clients dropped")
-    assert manager.extend(lease) is not None  # no retry of its own, unlike acquire
-    assert manager.release(lease) is True
-    client.close()
-    admin.close()
-
-
-@pytest.mark.redis
-def test_threads_sharing_a_manager(redis_server: RedisServer, redis_client: Any) -> None:
-    """Eight threads on one manager: one uses the kept connection at a time, the others borrow
-    from the pool meanwhile; every result is right."""
-    client, pool = counting_client(redis_server)
-    manager = RedisLockManager(client)
+def test_threads_sharing_a_manager(redis_client: Any) -> None:
+    """Eight threads on one manager: every result is right."""
+    manager = RedisLockManager(redis_client)
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
@@ -658,7 +629,6 @@ def test_threads_sharing_a_manager(redis_server: RedisServer, redis_client: Any)
         t.join(timeout=60)
     assert errors == []
     assert all(manager.inspect(f"t{i}") is None for i in range(8))
-    client.close()
 
 
 # ---------------------------------------------------------------------------------- keys
@@ -695,6 +665,44 @@ def test_hashed_tags_keep_keys_apart(manager: RedisLockManager) -> None:
     c = manager.acquire("lone \ud800")
     d = manager.acquire("lone \udc00")
     assert None not in (a, b, c, d)
+
+
+def test_hashed_keys_have_a_namespace_no_plain_key_reaches(
+    manager: RedisLockManager, client: Any
+) -> None:
+    """A key with braces is stored under its hash, apart from every plain key: the plain key
+    that spells out that hash is a different lock, and breaking one leaves the other held."""
+    braced = "tenant{42}:report"
+    digest = hashlib.sha256(braced.encode()).hexdigest()
+    spelled = "#" + digest
+    a = manager.acquire(braced, ttl=30)
+    b = manager.acquire(spelled, ttl=30)
+    assert a is not None and b is not None
+    assert client.exists(f"celery_lock:#{{{digest}}}", f"celery_lock:{{#{digest}}}") == 2
+    assert client.exists(f"celery_lock:#{{{digest}}}:fence") == 1  # same hash tag as its lock
+    assert {i.key for i in manager.iter_locks()} == {braced, spelled}
+    assert manager.break_lock(spelled) is True
+    info = manager.inspect(braced)
+    assert info is not None and info.token_prefix == a.token[:8]
+    b = manager.acquire(spelled, ttl=30)
+    assert b is not None
+    assert manager.break_lock(braced) is True
+    info = manager.inspect(spelled)
+    assert info is not None and info.token_prefix == b.token[:8]
+    assert manager.release(a) is False and manager.release(b) is True
+
+
+def test_cleaner_and_listing_find_both_key_forms(manager: RedisLockManager, client: Any) -> None:
+    """Dead holders' locks under a plain and under a hashed name are both cleaned; a foreign
+    key that merely sits under the prefix is not taken for a lock."""
+    client.set(name_of("plain"), dead_holder_value(key="plain"), px=300_000)
+    client.set(name_of("a{b}"), dead_holder_value(key="a{b}"), px=300_000)
+    client.set("celery_lock:#{not-a-digest}", dead_holder_value(key="x"), px=300_000)
+    client.set("celery_lock:other}", dead_holder_value(key="y"), px=300_000)
+    assert {i.key for i in manager.iter_locks()} == {"plain", "a{b}"}
+    report = manager.clean()
+    assert (report.scanned, report.removed) == (2, 2)
+    assert client.exists("celery_lock:#{not-a-digest}", "celery_lock:other}") == 2
 
 
 # --------------------------------------------------------------------- inspect, iter_locks
@@ -908,7 +916,7 @@ class SuccessorFirst(fakeredis.FakeRedis):
     """A successor takes the lock just before each compare-and-delete reaches the server."""
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        if args[:2] == ("EVALSHA", _BREAK.sha):
+        if args[:2] == ("EVALSHA", BREAK.sha):
             self.set(args[3], holder_value("n" * 32, 99), px=10_000)
         return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
@@ -917,7 +925,7 @@ class BreakFails(fakeredis.FakeRedis):
     """The connection drops on each compare-and-delete."""
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        if args[:2] == ("EVALSHA", _BREAK.sha):
+        if args[:2] == ("EVALSHA", BREAK.sha):
             raise redis.ConnectionError("Connection reset by peer")
         return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 

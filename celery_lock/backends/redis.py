@@ -6,22 +6,19 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
 import os
-import threading
+import secrets
 import time as _time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Final, TypeAlias
 
 import redis
 from redis.backoff import NoBackoff
 from redis.client import PubSub
 from redis.cluster import RedisCluster
-from redis.connection import ConnectionPool
 from redis.exceptions import (
     ClusterError,
     NoScriptError,
@@ -36,13 +33,8 @@ from redis.retry import Retry
 from celery_lock import _identity
 from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
+from celery_lock.backends import _redis_scripts as scripts
 from celery_lock.errors import LockBackendUnavailable
-
-_metrics_enabled: Callable[[], bool] | None
-try:
-    from redis.observability.recorder import is_enabled as _metrics_enabled
-except ImportError:  # pragma: no cover - redis-py < 8 has no metrics of its own
-    _metrics_enabled = None
 
 __all__ = ["RedisLockManager", "is_connection_error"]
 
@@ -50,12 +42,8 @@ __all__ = ["RedisLockManager", "is_connection_error"]
 #: a Sentinel master client, both subclasses) or ``redis.cluster.RedisCluster``.
 RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 
-#: Fence counters live at least this long after the last acquire (ms); see ``_ACQUIRE``.
+#: Fence counters live at least this long after the last acquire (ms); see ``scripts.ACQUIRE``.
 _MIN_FENCE_TTL_MS: Final = 60_000
-
-#: How long a released lock's tombstone lets a re-sent release recognise its own success (ms):
-#: well above a client's socket timeout times its retries.
-_TOMBSTONE_TTL_MS: Final = 30_000
 
 #: Everything a redis-py call can raise: its own errors, cluster set-up errors (not RedisError
 #: subclasses) and raw socket errors.
@@ -81,297 +69,6 @@ _CONNECTION_REPLIES: Final = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN"
 #: Characters with a meaning in a ``SCAN MATCH`` pattern, escaped in the prefix.
 _GLOB_ESCAPES: Final = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
-# Scripts compare the token by prefix: a lock value is "<token> <fence> <json-metadata>" and a
-# token never contains a space, so "<token> " cannot match another holder's value.
-# Requires Redis >= 5 (script effects replication: the acquire script writes after TIME).
-
-
-class _Script:
-    """A Lua script registered once per class and run by EVALSHA.
-
-    redis-py's ``Script`` does the same, but its ``__call__`` also builds argument tuples and
-    tests ``isinstance(client, Pipeline)``, a ``typing.Protocol`` check (~1.5 us per call here,
-    twice per lock cycle, on a path whose whole Python budget is ~10 us).
-    """
-
-    __slots__ = ("sha", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        # Redis names scripts by their SHA1.
-        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
-
-    def __call__(self, client: RedisClient, numkeys: int, *keys_and_args: str | int | bytes) -> Any:
-        # execute_command is what client.evalsha() ends in, two Python frames later.
-        try:
-            return client.execute_command("EVALSHA", self.sha, numkeys, *keys_and_args)  # type: ignore[no-untyped-call]
-        except NoScriptError:
-            # The server's script cache is empty after a restart, a failover or SCRIPT FLUSH.
-            client.script_load(self.source)
-            return client.execute_command("EVALSHA", self.sha, numkeys, *keys_and_args)  # type: ignore[no-untyped-call]
-
-
-#: ``redis.Redis.execute_command`` as this module found it. A client whose class or instance
-#: has a different one (a subclass, a test double, tracing by wrapping) is always called
-#: through it: see :class:`_Line`.
-_PLAIN_EXECUTE: Final = redis.Redis.execute_command
-#: Tracing packages (OpenTelemetry, Sentry, ddtrace) wrap methods with ``wrapt`` or
-#: ``functools.wraps``; both leave ``__wrapped__``.
-_EXECUTE_WRAPPED: Final = hasattr(_PLAIN_EXECUTE, "__wrapped__")
-#: redis-py 5 requires a command name for ``ConnectionPool.get_connection``; 6 and later
-#: deprecate passing one.
-_POOL_WANTS_NAME: Final = (
-    getattr(
-        inspect.signature(ConnectionPool.get_connection).parameters.get("command_name"),
-        "default",
-        None,
-    )
-    is inspect.Parameter.empty
-)
-
-#: A pool bounded below this many connections is left alone: the connection a line keeps would
-#: be a noticeable share of it (redis-py 8's default pool allows 100, its blocking pool 50).
-_LINE_MIN_POOL: Final = 8
-
-#: A line idle for longer (seconds) checks its socket before the next call, as the pool does on
-#: every borrow: closed by the server, or holding stray data, it reconnects first.
-_LINE_IDLE_CHECK: Final = 1.0
-
-#: Bumped in a forked child: a line opened before the fork shares its socket with the parent.
-_generation = 0
-
-
-def _after_fork_in_child() -> None:
-    global _generation  # noqa: PLW0603
-    _generation += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _observed() -> bool:
-    """True when redis-py 8's own metrics are switched on (they count per client call)."""
-    if _metrics_enabled is None:
-        return False
-    try:
-        return bool(_metrics_enabled())
-    except Exception:  # noqa: BLE001 - an observability failure must not break locking
-        return True
-
-
-class _Line:
-    """One pooled connection a manager keeps for its scripts, instead of borrowing per call.
-
-    Borrowing costs more than the lock logic itself: redis-py's ``get_connection`` polls the
-    socket for stray data and both it and ``release`` read the pid (two to four system calls,
-    ~7-12 us per command here), and ``Redis.execute_command`` adds ~3.5 us of bookkeeping. The
-    line skips both and keeps what matters: the connection's own retry policy (the same
-    ``Retry.call_with_retry`` with a disconnect between attempts), its health checks and
-    reconnects, RESP parsing and decoding, and the pool's check for a socket the server closed
-    (done after a pause of ``_LINE_IDLE_CHECK`` instead of before every call).
-
-    It is used only for a plain ``redis.Redis`` (Sentinel masters and fakeredis included) that
-    nothing instruments, on a pool that allows at least ``_LINE_MIN_POOL`` connections: a client
-    with its own ``execute_command`` (subclass, instance patch, a tracing wrapper), a
-    ``single_connection_client``, a Cluster client, a smaller pool or redis-py 8 with metrics on
-    is always called through ``execute_command``. One thread uses the line at a time; the
-    others take the client path meanwhile (never wait). A call cut short by any exception
-    disconnects the connection, so a reply still in flight is never read as the answer to the
-    next command. Not carried into a forked child (a new line opens there). The connection goes
-    back to the pool when the manager is garbage-collected.
-    """
-
-    __slots__ = ("__weakref__", "conn", "dirty", "generation", "lock", "pool", "used")
-
-    def __init__(self, pool: ConnectionPool | None) -> None:
-        self.pool = pool  # None: this client is always called through execute_command
-        self.conn: Any = None  # a redis.connection.Connection (untyped in redis-py)
-        self.dirty = False
-        self.generation = _generation
-        self.lock = threading.Lock()
-        self.used = 0.0  # monotonic time of the last completed call
-
-    @classmethod
-    def open(cls, client: RedisClient) -> _Line:
-        pool = getattr(client, "connection_pool", None)
-        usable = (
-            isinstance(client, redis.Redis)
-            and isinstance(pool, ConnectionPool)
-            and getattr(pool, "max_connections", 0) >= _LINE_MIN_POOL
-            and getattr(client, "connection", None) is None
-            and not _EXECUTE_WRAPPED
-            and not _observed()
-        )
-        return cls(pool if usable else None)
-
-    def evalsha(self, sha: str, numkeys: int, keys_and_args: tuple[str | int | bytes, ...]) -> Any:
-        """EVALSHA on the held connection (the caller holds :attr:`lock`)."""
-        conn = self.conn
-        if conn is None:
-            pool = self.pool
-            assert pool is not None  # callers check it first
-            conn = pool.get_connection("EVALSHA") if _POOL_WANTS_NAME else pool.get_connection()
-            self.conn = conn
-            # Back to the pool with the manager (this line dies with it).
-            weakref.finalize(self, _give_back, pool, conn)
-        elif self.dirty:
-            conn.disconnect()  # an earlier call ended between send and reply
-        elif _conn_open(conn) and _time.monotonic() - self.used > _LINE_IDLE_CHECK:
-            # What the pool checks on every borrow, here only after a pause: a server that
-            # closes idle connections (its `timeout`) or stray data would fail this call.
-            try:
-                if conn.can_read():
-                    conn.disconnect()
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                conn.disconnect()  # closed by the server
-        if not _conn_open(conn):
-            # Reconnect the way a borrow does, before and outside the command's retries: the
-            # connect has retries of its own, and nesting the two would stretch a stall.
-            conn.connect()
-        command = ("EVALSHA", sha, numkeys, *keys_and_args)
-        self.dirty = True
-        try:
-            reply = conn.retry.call_with_retry(lambda: _round_trip(conn, command), conn.disconnect)
-        except ResponseError:
-            self.dirty = False  # a whole reply was read: the connection is in step
-            raise
-        except BaseException:
-            conn.disconnect()
-            self.dirty = False
-            raise
-        self.dirty = False
-        self.used = _time.monotonic()
-        should_reconnect = getattr(conn, "should_reconnect", None)  # redis-py >= 6
-        if should_reconnect is not None and should_reconnect():  # a maintenance notice
-            conn.disconnect()
-        return reply
-
-
-def _conn_open(conn: Any) -> bool:
-    """Whether a redis-py connection has a socket (redis-py 5.0 has no ``is_connected``)."""
-    return getattr(conn, "_sock", None) is not None
-
-
-def _round_trip(conn: Any, command: tuple[Any, ...]) -> Any:
-    conn.send_command(*command)
-    return conn.read_response()
-
-
-def _give_back(pool: ConnectionPool, conn: Any) -> None:
-    with contextlib.suppress(Exception):  # the pool may be closed or belong to our parent
-        pool.release(conn)
-
-
-_ACQUIRE: Final = _Script(
-    """
--- Acquire, or confirm that we already hold the lock (a retried call after a lost reply).
--- KEYS[1] lock key, KEYS[2] fence counter (same hash tag)
--- ARGV[1] token, ARGV[2] holder metadata (JSON), ARGV[3] lease ttl (ms),
--- ARGV[4] fence counter ttl (ms)
--- returns {1, fence} acquired; {2, fence} already ours (ttl refreshed);
---         {0, pttl, value} held by someone else (their value carries holder metadata)
-local value = redis.call('GET', KEYS[1])
--- A value starting with '~' is a released lock's tombstone (see _RELEASE): free.
-if value and string.byte(value, 1) ~= 126 then
-  if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
-    return {2, string.match(value, '^%S+ (%d+)')}
-  end
-  return {0, redis.call('PTTL', KEYS[1]), value}
-end
-local fence
-local n = redis.call('INCR', KEYS[2])
-if n == 1 then
-  -- A new (or expired) counter starts at the server clock in microseconds. Acquires of a key
-  -- run one after another and each takes more than a microsecond, so a counter never runs
-  -- ahead of the clock and the new one starts above every fence handed out before, unless the
-  -- clock went back by more than the >= 60 s the old counter sat idle. Built from TIME's
-  -- strings: Lua would print a number this large as 1.7e+15.
-  local t = redis.call('TIME')
-  fence = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
-  redis.call('SET', KEYS[2], fence)
-else
-  fence = string.format('%.0f', n)
-end
--- Refreshed per acquire, so counters of keys that are no longer used disappear.
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. fence .. ' ' .. ARGV[2], 'PX', ARGV[3])
-return {1, fence}
-"""
-)
-
-_RELEASE: Final = _Script(
-    """
--- Release: end the lock only while it still holds our token, then wake the waiters.
--- Instead of a DEL it leaves a short-lived tombstone '~<token>' (free for every acquirer and
--- reader), so a release re-sent after a lost reply still learns that it succeeded.
--- KEYS[1] lock key; ARGV[1] token, ARGV[2] wake-up channel, ARGV[3] tombstone ttl (ms)
--- returns 1 released (now, or by our own earlier attempt), 0 not ours (expired or taken over:
--- left alone)
-local value = redis.call('GET', KEYS[1])
-if not value then
-  return 0
-end
-if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-  local set = redis.pcall('SET', KEYS[1], '~' .. ARGV[1], 'PX', ARGV[3])
-  if type(set) == 'table' and set.err then
-    -- At maxmemory with noeviction a SET is refused, a DEL is not. Releasing matters more
-    -- than recognising a re-sent release.
-    redis.call('DEL', KEYS[1])
-  end
-  redis.call('PUBLISH', ARGV[2], '1')
-  return 1
-end
-if value == '~' .. ARGV[1] then
-  return 1
-end
-return 0
-"""
-)
-
-_EXTEND: Final = _Script(
-    """
--- Extend: reset the lease ttl only while the lock still holds our token.
--- KEYS[1] lock key; ARGV[1] token, ARGV[2] new ttl (ms, >= 1: PEXPIRE 0 would delete the key,
--- redis/redis-py#4279)
--- returns 1 renewed, 0 not ours
-local value = redis.call('GET', KEYS[1])
-if value and string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-)
-
-_BREAK: Final = _Script(
-    """
--- Break: delete a lock judged breakable (dead holder, cleaner, break_lock) only if it still
--- holds exactly the value that was judged, so a successor's lock is never deleted.
--- KEYS[1] lock key; ARGV[1] the exact value read before, ARGV[2] wake-up channel
--- returns 1 deleted (waiters woken), 0 the lock changed meanwhile (left alone)
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], '1')
-  return 1
-end
-return 0
-"""
-)
-
-_INSPECT: Final = _Script(
-    """
--- Inspect: value and remaining ttl in one round trip, read atomically.
--- KEYS[1] lock key
--- returns nil when free, else {value, pttl ms}
-local value = redis.call('GET', KEYS[1])
-if not value or string.byte(value, 1) == 126 then  -- '~': a released lock's tombstone
-  return false
-end
-return {value, redis.call('PTTL', KEYS[1])}
-"""
-)
-
 
 def is_connection_error(exc: BaseException) -> bool:
     """True when ``exc`` means Redis cannot be reached right now.
@@ -390,19 +87,14 @@ def is_connection_error(exc: BaseException) -> bool:
 class RedisLockManager(LockManager):
     """Locks in Redis: ``<prefix>:{<key>}`` holds ``"<token> <fence> <json-metadata>"``.
 
-    Acquire, release and extend are one round trip each (Lua scripts run by EVALSHA); the fence
-    counter ``<prefix>:{<key>}:fence`` and the wake-up channel ``<prefix>:{<key>}:wake`` share
-    the key's hash tag, so every script touches one Cluster slot. A key containing ``{`` or ``}``
-    (or that cannot be encoded as UTF-8) is tagged by ``#`` plus its sha256 instead.
+    Acquire, release and extend are one round trip each (Lua scripts run by EVALSHA, loaded on
+    NOSCRIPT); the fence counter ``<prefix>:{<key>}:fence`` and the wake-up channel
+    ``<prefix>:{<key>}:wake`` share the key's hash tag, so every script touches one Cluster
+    slot. A key containing ``{`` or ``}`` (or that cannot be encoded as UTF-8) is stored as
+    ``<prefix>:#{<sha256 of the key>}`` instead, a namespace no plain key reaches.
 
     Any failure of the store is raised as :class:`LockBackendUnavailable` with the Redis error
     as its ``__cause__``; use :func:`is_connection_error` to tell an outage from other errors.
-
-    The manager keeps one connection of the client's pool for its scripts (see ``_Line``):
-    borrowing one per call costs more than the lock logic. Clients that must see every call (a
-    subclass or instance with its own ``execute_command``, tracing wrappers, redis-py 8 metrics),
-    ``single_connection_client`` clients, Cluster clients and pools bounded below 8 connections
-    are called through ``execute_command`` as usual.
 
     For a client you build yourself, bound its timeouts and retries the way :meth:`from_url`
     does: ``socket_timeout`` (e.g. 2 s), ``socket_connect_timeout`` (e.g. 1 s) and
@@ -430,12 +122,11 @@ class RedisLockManager(LockManager):
         super().__init__(default_ttl=default_ttl)
         self._client = client
         self._prefix = prefix
-        #: Tokens whose release this manager saw succeed (bounded, oldest first), so releasing a
-        #: lease twice says False although the server's tombstone would recognise the token.
-        self._released: dict[str, None] = {}
-        #: (lock key, token) of acquires that raised after the server may have run them.
+        #: (lock key, token) of acquires that raised although the server may have granted them.
+        #: Not a release mechanism: no lease was ever handed out for these tokens, so nobody
+        #: would release them, and without this the key would stay blocked until its ttl. The
+        #: next call that reaches the server releases them by token (see _acquire_again).
         self._orphans: collections.deque[tuple[str, str]] = collections.deque(maxlen=1024)
-        self._line = _Line.open(client)
 
     @classmethod
     def from_url(
@@ -487,25 +178,21 @@ class RedisLockManager(LockManager):
 
     # ------------------------------------------------------------------ hot path
 
-    def _eval(self, script: _Script, numkeys: int, *keys_and_args: str | int | bytes) -> Any:
-        """Run ``script``: on this manager's :class:`_Line` when it is free, else via the client."""
+    def _eval(self, script: scripts.Lua, numkeys: int, *keys_and_args: str | int | bytes) -> Any:
+        """Run ``script`` by EVALSHA; load it and run it again when the server answers NOSCRIPT.
+
+        redis-py's ``Script`` object (``register_script``) does the same, but adds ~5 us of
+        per-call work here (argument tuples, pipeline checks), which is 5 % of a lock cycle.
+        ``evalsha`` is public on ``Redis`` and ``RedisCluster`` alike; a Cluster client routes
+        it by its keys, and ``script_load`` there loads the script on every primary.
+        """
         client = self._client
-        line = self._line
-        if line.generation != _generation:
-            line = self._line = _Line.open(client)  # forked: the old socket is the parent's
-        if (
-            line.pool is not None
-            and type(client).execute_command is _PLAIN_EXECUTE
-            and "execute_command" not in client.__dict__
-            and line.lock.acquire(blocking=False)
-        ):
-            try:
-                return line.evalsha(script.sha, numkeys, keys_and_args)
-            except NoScriptError:
-                pass  # the server lost its scripts (restart, failover): the client path loads it
-            finally:
-                line.lock.release()
-        return script(client, numkeys, *keys_and_args)
+        try:
+            return client.evalsha(script.sha, numkeys, *keys_and_args)
+        except NoScriptError:
+            # The server's script cache is empty after a restart, a failover or SCRIPT FLUSH.
+            client.script_load(script.source)
+            return client.evalsha(script.sha, numkeys, *keys_and_args)
 
     def _try_acquire(
         self, key: str, ttl: float, token: str, task_id: str | None, task_name: str | None
@@ -524,7 +211,7 @@ class RedisLockManager(LockManager):
         if self._orphans:
             self._reap_orphans()
         try:
-            reply = self._eval(_ACQUIRE, 2, *args)
+            reply = self._eval(scripts.ACQUIRE, 2, *args)
         except _CLIENT_ERRORS as exc:
             reply = self._acquire_again(key, args, exc)
         if reply[0] == 0 and self._break_if_dead(key, name, reply[2]):
@@ -532,7 +219,7 @@ class RedisLockManager(LockManager):
         if reply[0] == 0:
             return None
         # now was taken before sending, so expires_at is never later than the server's expiry.
-        return Lease(key, token, int(reply[1]), "redis", ttl, now + ttl, now)
+        return Lease(key, token, int(reply[1]), "redis", ttl, now + ttl, now, os.getpid())
 
     def _acquire_again(
         self, key: str, args: tuple[str, str, str, str, int, int], error: BaseException | None
@@ -544,7 +231,7 @@ class RedisLockManager(LockManager):
         # token makes the retry answer "already ours" instead of "busy" (simstudioai/sim#6864).
         # Without one, a dead holder's lock was just broken.
         try:
-            reply: list[Any] = self._eval(_ACQUIRE, 2, *args)
+            reply: list[Any] = self._eval(scripts.ACQUIRE, 2, *args)
         except _CLIENT_ERRORS as exc:
             if error is not None:
                 # Twice no answer: the script may have run (the reply lost), leaving the key
@@ -560,33 +247,27 @@ class RedisLockManager(LockManager):
         while self._orphans:
             name, token = self._orphans[0]
             try:
-                self._eval(_RELEASE, 1, name, token, name + ":wake", _TOMBSTONE_TTL_MS)
+                self._eval(scripts.RELEASE, 1, name, token, _release_id())
             except _CLIENT_ERRORS:
                 return  # still unreachable: try again next time
             with contextlib.suppress(IndexError):
                 self._orphans.popleft()
 
     def _release(self, lease: Lease) -> bool:
-        if lease.token in self._released:
-            return False  # this manager saw it released already: it no longer holds anything
         name = self._name(lease.key)
         try:
-            released = self._eval(_RELEASE, 1, name, lease.token, name + ":wake", _TOMBSTONE_TTL_MS)
+            # One release id per call: redis-py's own retry of this command (after a lost
+            # reply) re-sends the same id and is recognised by the script; any other call is not.
+            released = self._eval(scripts.RELEASE, 1, name, lease.token, _release_id())
         except _CLIENT_ERRORS as exc:
-            # The lease keeps its token: the caller may retry (redis/redis-py#3847, #4258).
+            # Whether the server ran the script is unknown. The lease keeps its token, so a
+            # later call can still release it if this one never arrived (redis/redis-py#3847,
+            # #4258); if it did arrive, that later call is a second release and says False.
             raise self._unavailable(lease.key, exc) from exc
-        # 1: the server still had our value (or our tombstone: an earlier attempt whose reply
-        # was lost), so by its clock, the one that expires keys, the lease was alive. The
-        # client's wall clock is not consulted: it may have jumped.
-        if released != 1:
-            return False
-        released_tokens = self._released
-        released_tokens[lease.token] = None
-        if len(released_tokens) > 1024:
-            # Another thread may change the dict between iter() and next(): best effort.
-            with contextlib.suppress(RuntimeError, StopIteration, KeyError):
-                del released_tokens[next(iter(released_tokens))]
-        return True
+        # 1: the server still had our value (or this call's own tombstone: an earlier attempt
+        # whose reply was lost), so by its clock, the one that expires keys, the lease was
+        # alive. The client's wall clock is not consulted: it may have jumped.
+        return bool(released == 1)
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
         now = _time.time()
@@ -594,7 +275,7 @@ class RedisLockManager(LockManager):
         # token, which is exactly "not expired" by the server's clock.
         try:
             renewed = self._eval(
-                _EXTEND, 1, self._name(lease.key), lease.token, math.ceil(ttl * 1000)
+                scripts.EXTEND, 1, self._name(lease.key), lease.token, math.ceil(ttl * 1000)
             )
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(lease.key, exc) from exc
@@ -684,14 +365,19 @@ class RedisLockManager(LockManager):
 
     def _name(self, key: str) -> str:
         if "{" in key or "}" in key or not (key.isascii() or _encodable(key)):
-            key = "#" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            # Braces would change the Cluster hash tag, so such a key is tagged by its hash, in
+            # a namespace of its own: a plain key always gives "<prefix>:{...}", never "#{".
+            digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            return f"{self._prefix}:#{{{digest}}}"
         return f"{self._prefix}:{{{key}}}"
 
     def _scan(self) -> Iterator[tuple[str, str]]:
-        """Names of the lock keys under our prefix (SCAN, never KEYS) with their hash tags."""
-        head = f"{self._prefix}:{{"
+        """Names of the lock keys under our prefix (SCAN, never KEYS), each with the key to show
+        when its value does not record one: the plain key, or ``#<sha256>`` for a hashed one."""
+        head = f"{self._prefix}:"
         try:
-            # "...}" at the end leaves out the fence counters ("...}:fence").
+            # One SCAN finds both forms, "<prefix>:{<key>}" and "<prefix>:#{<sha256>}"; "}" at
+            # the end leaves out the fence counters ("...}:fence").
             for raw in self._client.scan_iter(
                 match=head.translate(_GLOB_ESCAPES) + "*}", count=500
             ):
@@ -699,8 +385,8 @@ class RedisLockManager(LockManager):
                     name = raw.decode("utf-8") if isinstance(raw, bytes) else raw
                 except UnicodeDecodeError:
                     continue  # not ours: every name we write is UTF-8
-                tag = name[len(head) : -1]
-                if "{" not in tag and "}" not in tag:  # ours never hold braces
+                tag = _tag_of(name[len(head) :])
+                if tag is not None:
                     yield name, tag
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(None, exc) from exc
@@ -708,7 +394,7 @@ class RedisLockManager(LockManager):
     def _read(self, key: str | None, name: str) -> tuple[bytes | str, int] | None:
         """``(value, pttl ms)`` of lock ``name`` in one round trip, or None when it is free."""
         try:
-            found = self._eval(_INSPECT, 1, name)
+            found = self._eval(scripts.INSPECT, 1, name)
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(key, exc) from exc
         return None if found is None else (found[0], int(found[1]))
@@ -746,7 +432,7 @@ class RedisLockManager(LockManager):
 
     def _compare_and_delete(self, key: str, name: str, value: bytes | str) -> bool:
         try:
-            deleted: int = self._eval(_BREAK, 1, name, value, name + ":wake")
+            deleted: int = self._eval(scripts.BREAK, 1, name, value, name + ":wake")
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(key, exc) from exc
         return deleted == 1
@@ -831,6 +517,23 @@ class _PubSubWaiter(Waiter):
 
 
 # ---------------------------------------------------------------------- module helpers
+
+
+def _tag_of(rest: str) -> str | None:
+    """The key shown for lock name ``<prefix>:<rest>``, or None when the name is not one of ours."""
+    if rest.startswith("{"):
+        tag = rest[1:-1]
+        return tag if "{" not in tag and "}" not in tag else None  # plain keys have no braces
+    if rest.startswith("#{"):
+        digest = rest[2:-1]
+        if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+            return "#" + digest
+    return None
+
+
+def _release_id() -> str:
+    """A new id for one release call (it only has to differ between calls on one token)."""
+    return secrets.token_hex(8)
 
 
 def _encodable(key: str) -> bool:
