@@ -49,8 +49,15 @@ class Violation:
         return f"{self.path}:{self.line}: {self.what}"
 
 
+#: Underscore names that are documented public API: namedtuple methods (the underscore only keeps
+#: them from clashing with field names; urllib.parse's SplitResult is one).
+NAMEDTUPLE_API = frozenset({"_replace", "_asdict", "_fields", "_field_defaults", "_make"})
+
+
 def is_private(name: str) -> bool:
-    """A single-underscore name: ``_x`` (not ``__x__``)."""
+    """A single-underscore name: ``_x`` (not ``__x__``), other than namedtuple's public API."""
+    if name in NAMEDTUPLE_API:
+        return False
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
