@@ -45,22 +45,18 @@ if value and string.byte(value, 1) ~= 126 then
   end
   return {0, redis.call('PTTL', KEYS[1]), value}
 end
-local fence
-local n = redis.call('INCR', KEYS[2])
-if n == 1 then
-  -- A new (or expired) counter starts at the server clock in microseconds. Acquires of a key
-  -- run one after another and each takes more than a microsecond, so a counter never runs
-  -- ahead of the clock and the new one starts above every fence handed out before, unless the
-  -- clock went back by more than the >= 60 s the old counter sat idle. Built from TIME's
-  -- strings: Lua would print a number this large as 1.7e+15.
-  local t = redis.call('TIME')
-  fence = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
-  redis.call('SET', KEYS[2], fence)
-else
-  fence = string.format('%.0f', n)
-end
--- Refreshed per acquire, so counters of keys that are no longer used disappear.
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+-- The fence is max(last fence + 1, server clock in microseconds): strictly increasing while the counter
+-- lives, and never below the clock, so grants a failed master handed out just before it died
+-- (lost with it: replication is asynchronous) are below every grant made after the failover,
+-- as long as the nodes' clocks agree to within the failover time. A double holds microseconds since the
+-- epoch exactly (< 2^53 until the year 2255); '%.0f' prints it without an exponent.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+local fence = string.format('%.0f', math.max(last + 1, now))
+-- The counter expires with its key's use (arguments make keys unbounded); the clock term keeps
+-- a fresh counter above the old one's fences.
+redis.call('SET', KEYS[2], fence, 'PX', ARGV[4])
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. fence .. ' ' .. ARGV[2], 'PX', ARGV[3])
 return {1, fence}
 """
