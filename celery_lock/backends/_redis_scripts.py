@@ -53,6 +53,10 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if last >= 9007199254740991 then
+  -- Past 2^53 a double cannot count by one: a planted or corrupted counter is refused.
+  return redis.error_reply('ERR celery_lock fence counter out of range')
+end
 local fence = string.format('%.0f', math.max(last + 1, now))
 -- The counter expires with its key's use (arguments make keys unbounded); the clock term keeps
 -- a fresh counter above the old one's fences.
