@@ -52,10 +52,11 @@ end
 -- epoch exactly (< 2^53 until the year 2255); '%.0f' prints it without an exponent.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-if last >= 9007199254740991 then
-  -- Past 2^53 a double cannot count by one: a planted or corrupted counter is refused.
-  return redis.error_reply('ERR celery_lock fence counter out of range')
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if not last or last >= 9007199254740991 then
+  -- Not a number, or past 2^53 where a double cannot count by one: a planted or corrupted
+  -- counter is refused (the store reports an error) rather than silently restarted.
+  return redis.error_reply('ERR celery_lock fence counter is not a number in range')
 end
 local fence = string.format('%.0f', math.max(last + 1, now))
 -- The counter expires with its key's use (arguments make keys unbounded); the clock term keeps
