@@ -40,6 +40,15 @@ def key_on(cluster: LocalCluster, master: Node) -> str:
     raise AssertionError(f"no key found for {master}")
 
 
+def subscribers(cluster: LocalCluster, channel: str) -> int:
+    """Subscribers of ``channel`` on every running node (PUBSUB NUMSUB is per node)."""
+    return sum(
+        int(node.call("PUBSUB", "NUMSUB", channel)[1])
+        for node in cluster.nodes
+        if node.running and not node.paused
+    )
+
+
 def test_cluster_starts_quickly_with_a_replica_per_master(redis_cluster: LocalCluster) -> None:
     masters = redis_cluster.masters()
     assert len(masters) == 3
@@ -91,10 +100,11 @@ def test_locks_on_every_master_exclude_and_hand_off(
         )
         waiter.start()
         # Measure a pub/sub hand-off, not a poll: release once the waiter is subscribed to
-        # the key's wake-up channel (served by the key's master, like the key).
+        # the key's wake-up channel. The manager's one wake-up connection may sit on any node
+        # (cluster pub/sub reaches every node), so count subscribers on all of them.
         channel = f"{PREFIX}:{{{key}}}:wake"
         wait_for(
-            lambda m=master, c=channel: m.call("PUBSUB", "NUMSUB", c)[1] == 1,
+            lambda c=channel: subscribers(redis_cluster, c) == 1,
             timeout=10,
             what="the waiter to subscribe",
         )
