@@ -45,6 +45,7 @@ from celery_lock.backends._sentinel import FollowingMaster, FollowingSentinel
 from celery_lock.errors import LockConfigurationError
 
 __all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_RETRIES",
     "DEFAULT_SOCKET_CONNECT_TIMEOUT",
     "DEFAULT_SOCKET_TIMEOUT",
@@ -80,6 +81,11 @@ DEFAULT_SOCKET_TIMEOUT: Final = 1.0
 #: answer the retry either, and redis-py 8's defaults (10 retries with back-off, timeouts
 #: included) turn a refused connection into ~4.5 s and a hung one into minutes.
 DEFAULT_RETRIES: Final = 1
+#: Connections of a single-server client's pool; more commands at once wait for one to be
+#: free (at most the socket timeout). Sentinel and Cluster clients keep redis-py's pools
+#: (100 connections per server, failing with MaxConnectionsError beyond: pass
+#: ``max_connections`` for more).
+DEFAULT_MAX_CONNECTIONS: Final = 100
 #: A pooled connection idle for longer than this (s) is checked with PING before use.
 HEALTH_CHECK_INTERVAL: Final = 30
 #: ``CLIENT SETNAME`` of every lock connection (visible in ``CLIENT LIST``).
@@ -246,10 +252,23 @@ def client_from_url(
             raise ValueError(f"TLS options given for a unix socket URL {redact_url(url)}")
         single = _with_scheme(single, "rediss")
         bounded.update(_ssl_options(ssl))
+    # A pool that makes a command wait for a free connection instead of failing at once with
+    # MaxConnectionsError, which is not an outage (issue 14, item 5: a hundred threads
+    # waiting in QUEUE mode exhausted redis-py's default pool of 100). The wait is bounded
+    # like a reply: a pool that stays full for that long serves a hung server.
+    options = {
+        "max_connections": DEFAULT_MAX_CONNECTIONS,
+        "timeout": socket_timeout,
+        **bounded,
+        **client_kwargs,
+    }
     try:
-        return redis.Redis.from_url(single, **{**bounded, **client_kwargs})
+        pool = redis.BlockingConnectionPool.from_url(single, **options)
     except ValueError as exc:
         raise ValueError(f"invalid lock Redis URL {redact_url(url)}: {exc}") from None
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # it owns its pool, as from_url's clients do
+    return client
 
 
 def socket_timeout(client: object) -> float | None:

@@ -277,6 +277,12 @@ class WakeHub:
         return len(self._slots)
 
     @property
+    def waiters(self) -> int:
+        """How many waiting calls are registered right now."""
+        with self._mutex:
+            return sum(len(slots) for slots in self._slots.values())
+
+    @property
     def running(self) -> bool:
         thread = self._thread
         return thread is not None and thread.is_alive()
