@@ -9,7 +9,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ import redis
 
 from celery_lock.backends._wakeups import WakeHub
 from celery_lock.backends.redis import RedisLockManager
+from tests._acl import documented_acl
 from tests._redis_server import RedisServer
 from tests._workers import wait_for
 
@@ -220,20 +220,6 @@ def test_forked_child_gets_its_own_listener(own_redis_server: RedisServer) -> No
 
 
 # ---------------------------------------------------------------------------------- ACL
-
-
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "redis.md"
-
-
-def documented_acl() -> list[str]:
-    """The arguments of the ``ACL SETUSER`` line in docs/redis.md (password: ``lockpw``)."""
-    lines = [
-        line
-        for line in DOCS.read_text(encoding="utf-8").splitlines()
-        if line.startswith("ACL SETUSER ")
-    ]
-    assert len(lines) == 1, lines
-    return lines[0].replace(">PASSWORD", ">lockpw").split()[2:]
 
 
 def test_the_documented_minimal_acl_is_enough(

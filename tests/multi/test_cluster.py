@@ -13,7 +13,7 @@ from redis.crc import key_slot
 from celery_lock.backends._clients import client_from_url
 from celery_lock.backends.redis import RedisLockManager
 from celery_lock.errors import LockBackendUnavailable
-from tests._cluster import LocalCluster, Node
+from tests._cluster import LocalCluster, key_on
 from tests._workers import wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -27,17 +27,6 @@ def cluster_client(redis_cluster: LocalCluster) -> Iterator[RedisCluster]:
     assert isinstance(client, RedisCluster)
     yield client
     client.close()
-
-
-def key_on(cluster: LocalCluster, master: Node) -> str:
-    """A lock key whose slot (the hash tag of ``<prefix>:{<key>}``) a given master serves."""
-    ranges = [(a, b) for a, b, node in cluster.slot_map() if node is master]
-    for i in range(100_000):
-        key = f"job-{i}"
-        slot = key_slot(key.encode())
-        if any(a <= slot <= b for a, b in ranges):
-            return key
-    raise AssertionError(f"no key found for {master}")
 
 
 def subscribers(cluster: LocalCluster, channel: str) -> int:
