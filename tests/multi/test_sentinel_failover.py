@@ -6,6 +6,7 @@ The lossy failover kills the master, so it runs last in this module.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -125,6 +126,39 @@ def test_a_celery_app_on_a_sentinel_broker_locks_on_sentinel(
     finally:
         admin.close()
         app.close()
+
+
+def test_queue_waiters_on_sentinel_are_woken_through_one_connection(
+    sentinel_group: SentinelGroup, sentinel_manager: RedisLockManager
+) -> None:
+    manager = sentinel_manager
+    holder = manager.acquire("queued", ttl=30)
+    assert holder is not None
+    got: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda: got.append(manager.acquire("queued", mode="queue")))
+        for _ in range(5)
+    ]
+    for thread in threads:
+        thread.start()
+    hub = manager._wakeups.hub(manager.client)
+    assert hub is not None
+    wait_for(lambda: hub.waiters == 5, timeout=10, what="5 waiters")
+    master = sentinel_group.master().client()
+    try:
+        assert int(master.pubsub_numsub(lock_key("queued") + ":wake")[0][1]) == 1
+    finally:
+        master.close()
+    released = time.monotonic()
+    assert manager.release(holder)
+    for _ in range(5):
+        wait_for(lambda: any(g is not None for g in got), timeout=10, what="the next waiter")
+        lease = got.pop(next(i for i, g in enumerate(got) if g is not None))
+        assert manager.release(lease)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert time.monotonic() - released < 2.0  # five hand-offs, woken, not polled
+    assert hub.connections == 1
 
 
 def test_fences_after_a_lossy_failover_are_above_every_fence_before(
