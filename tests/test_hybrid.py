@@ -304,3 +304,29 @@ def test_unusable_folder_still_grants_from_redis(parts, monkeypatch: pytest.Monk
     lease = hybrid.acquire("k")
     assert lease is not None and lease.backend == "redis"
     assert hybrid.release(lease) is True  # the shadow's release failure is not the caller's
+
+
+def test_open_circuit_keeps_redis_leases_off_the_callers_path(
+    parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the circuit is open, extending a Redis lease fails at once and releasing it is
+    left to the background probe, which releases it by token once Redis answers (so the key
+    is not held until its TTL after the outage)."""
+    server, redis, file = parts
+    hybrid = HybridLockManager(redis, file, retry_interval=0.1)
+    lease = hybrid.acquire("k", ttl=30)
+    assert lease is not None and lease.backend == "redis"
+    server.connected = False
+    assert hybrid.acquire("other") is not None  # opens the circuit
+    assert hybrid.using_fallback
+    extends = count_calls(monkeypatch, redis, "_extend")
+    releases = count_calls(monkeypatch, redis, "_release")
+    with pytest.raises(LockBackendUnavailable):
+        hybrid.extend(lease)
+    assert hybrid.release(lease) is False  # not confirmed now
+    assert (extends, releases) == ([], [])  # Redis was not touched by either
+    assert not file.is_locked("k")  # the shadow is released at once
+    server.connected = True
+    wait_for(lambda: not hybrid.using_fallback, timeout=5, what="recovery")
+    assert releases == [1]  # by the probe, before the circuit closed
+    assert not redis.is_locked("k")

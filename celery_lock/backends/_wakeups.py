@@ -314,15 +314,13 @@ class WakeHub:
                     if message is not None:
                         self._dispatch(message)
                     backoff = BACKOFF_MIN
-                except ResponseError as exc:
-                    if is_connection_error(exc):  # LOADING, READONLY...: like a lost connection
-                        pubsub = _discard(pubsub)
-                        self._lost(exc)
-                        continue
-                    # SUBSCRIBE refused (NOPERM: no channel right; a proxy without pub/sub).
-                    self._refused(exc)
-                    return
-                except _ERRORS as exc:
+                except Exception as exc:  # noqa: BLE001 - the listener must outlive any reply
+                    if isinstance(exc, ResponseError) and not is_connection_error(exc):
+                        # SUBSCRIBE refused (NOPERM: no channel right; a proxy without it).
+                        self._refused(exc)
+                        return
+                    # Connection lost, LOADING, READONLY... (or anything unexpected): connect
+                    # again after a pause, subscribing everything again.
                     pubsub = _discard(pubsub)
                     self._lost(exc)
                     with self._mutex:
