@@ -17,6 +17,7 @@ from celery_lock.backends.redis import RedisLockManager
 from celery_lock.cleaner import LockCleaner
 from celery_lock.errors import (
     LockBackendUnavailable,
+    LockConfigurationError,
     LockError,
     LockKeyError,
     LockLost,
@@ -42,6 +43,7 @@ __all__ = [
     "Lease",
     "LockBackendUnavailable",
     "LockCleaner",
+    "LockConfigurationError",
     "LockError",
     "LockInfo",
     "LockKeyError",

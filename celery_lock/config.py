@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import logging
 import math
 import os
@@ -23,11 +24,13 @@ import tempfile
 import threading
 import urllib.parse
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from celery_lock import _fork
+from celery_lock._base import LockManager
 from celery_lock._validate import check_ttl
+from celery_lock.backends import _clients, _durability
 from celery_lock.backends.file import FileLockManager
 from celery_lock.backends.hybrid import HybridLockManager
 from celery_lock.backends.redis import RedisLockManager
@@ -36,11 +39,7 @@ from celery_lock.modes import LockMode
 from celery_lock.signals import lock_fallback
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from celery import Celery
-
-    from celery_lock._base import LockManager
 
 __all__ = [
     "ON_DUPLICATE",
@@ -81,10 +80,13 @@ SETTING_NAMES: Final = (
     "lock_default_max_requeues",
     "lock_default_on_duplicate",
     "lock_default_renew",
+    "lock_redis_transport_options",
+    "lock_redis_use_ssl",
+    "lock_redis_wait_replicas",
+    "lock_redis_wait_timeout",
+    "lock_manager",
 )
 
-#: Broker URL schemes whose server can also hold the locks (``lock_redis_url`` default).
-_REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 #: kombu spells a Redis unix socket ``redis+socket://``; redis-py calls it ``unix://``.
 _KOMBU_SOCKET: Final = "redis+socket://"
 
@@ -138,15 +140,68 @@ def _without_credentials(url: str) -> str:
 
 
 def _broker_redis_url(broker_url: object) -> str | None:
-    """The broker URL when its server can hold the locks (first one of a failover list)."""
-    if isinstance(broker_url, (list, tuple)):
-        broker_url = broker_url[0] if broker_url else None
-    if not isinstance(broker_url, str):
-        return None
-    url = broker_url.split(";", 1)[0].strip()
-    if url.startswith(_KOMBU_SOCKET):
+    """The broker URL when its server(s) can hold the locks: a Redis broker's (first) URL, a
+    Sentinel broker's sentinels; None for other brokers."""
+    url = _clients.broker_lock_url(broker_url)
+    if url is not None and url.lower().startswith(_KOMBU_SOCKET):
         return "unix://" + url[len(_KOMBU_SOCKET) :]
-    return url if url.startswith(_REDIS_SCHEMES) else None
+    return url
+
+
+def _options(value: object, what: str) -> Mapping[str, Any] | None:
+    if value is None or isinstance(value, Mapping):
+        return value
+    raise TypeError(f"setting {what} must be a dict or None, got {value!r}")
+
+
+def _ssl(value: object, what: str) -> Mapping[str, Any] | bool | None:
+    if value is None or isinstance(value, (bool, Mapping)):
+        return value
+    raise TypeError(f"setting {what} must be True, False, None or a dict, got {value!r}")
+
+
+def _factory(value: object, app: Celery) -> Callable[[], LockManager] | None:
+    """``lock_manager`` as a zero-argument builder (the app held weakly: the settings are
+    cached per app, and must not keep it alive)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        module, _, name = value.replace(":", ".").rpartition(".")
+        try:
+            value = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ValueError(f"setting lock_manager: cannot import {value!r}: {exc}") from exc
+    if not callable(value):
+        raise TypeError(f"setting lock_manager must be a dotted path or a callable, got {value!r}")
+    factory = value
+    app_ref = weakref.ref(app)
+
+    def build() -> LockManager:
+        app = app_ref()
+        if app is None:
+            raise RuntimeError("lock_manager: the app is gone")
+        manager = factory(app)
+        if not isinstance(manager, LockManager):
+            raise TypeError(
+                f"setting lock_manager: {factory!r} returned {manager!r}, not a LockManager"
+            )
+        return manager
+
+    return build
+
+
+def _check_url(url: str, options: Mapping[str, Any] | None) -> None:
+    """Refuse, when the settings are read, a lock URL no client can be built from."""
+    try:
+        kind = _clients.url_kind(url)
+    except ValueError as exc:
+        raise ValueError(f"setting lock_redis_url: {exc}") from None
+    if kind == "sentinel" and not (options or {}).get("master_name"):
+        raise ValueError(
+            f"setting lock_redis_url {_clients.redact_url(url)!r} is a Sentinel URL: set "
+            "'master_name' in lock_redis_transport_options (or, when the locks follow a "
+            "Sentinel broker, in broker_transport_options)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +211,25 @@ class LockSettings:
     Build it with :meth:`from_app`; the field defaults are the library defaults.
     """
 
-    #: ``lock_redis_url``: where locks live; None → file locks only. Default: the broker URL
-    #: when the broker is Redis (``redis://``, ``rediss://``, ``unix://``, ``redis+socket://``).
+    #: ``lock_redis_url``: where locks live; None → file locks only. Any form of
+    #: ``backends/_clients.py`` (``redis://``, ``rediss://``, ``unix://``, ``sentinel://``,
+    #: ``redis+cluster://``). Default: the broker's, when the broker is Redis or Sentinel.
     redis_url: str | None = None
+    #: ``lock_redis_transport_options``: Sentinel options (``master_name``,
+    #: ``sentinel_kwargs`` ...). Default: ``broker_transport_options`` when the lock URL
+    #: follows the broker, else none.
+    redis_transport_options: Mapping[str, Any] | None = None
+    #: ``lock_redis_use_ssl``: TLS options like ``broker_use_ssl``. Default: ``broker_use_ssl``
+    #: when the lock URL follows the broker, else none.
+    redis_ssl: Mapping[str, Any] | bool | None = None
+    #: ``lock_redis_wait_replicas``: replicas that must acknowledge each grant (0: off).
+    redis_wait_replicas: int = 0
+    #: ``lock_redis_wait_timeout``: seconds a grant waits for them.
+    redis_wait_timeout: float = _durability.DEFAULT_WAIT_TIMEOUT
+    #: ``lock_manager``: builds the app's manager instead of the settings above (None: they do).
+    manager_factory: Callable[[], LockManager] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
     #: ``lock_directory``: the lock-file folder itself (None: :meth:`default_directory`).
     directory: str | None = None
     #: ``lock_default_ttl``: lease seconds for tasks without ``lock_ttl``.
@@ -199,10 +270,30 @@ class LockSettings:
         get = conf.get
         missing = object()
         redis_url = get("lock_redis_url", missing)
+        broker_locks = _broker_redis_url(conf.broker_url)
         if redis_url is missing:
-            redis_url = _broker_redis_url(conf.broker_url)
+            redis_url = broker_locks
         elif redis_url is not None and (not isinstance(redis_url, str) or not redis_url):
             raise ValueError(f"setting lock_redis_url must be a URL or None, got {redis_url!r}")
+        # The broker's transport and TLS options apply when the locks live where the broker
+        # does (the default); the lock_redis_* settings win whenever they are set.
+        follows = redis_url is not None and redis_url == broker_locks
+        options = _options(
+            get("lock_redis_transport_options", None), "lock_redis_transport_options"
+        )
+        if options is None and follows:
+            options = _options(get("broker_transport_options", None), "broker_transport_options")
+        ssl = _ssl(get("lock_redis_use_ssl", None), "lock_redis_use_ssl")
+        if ssl is None and follows:
+            ssl = _ssl(get("broker_use_ssl", None), "broker_use_ssl")
+        if redis_url is not None:
+            _check_url(redis_url, options)
+        wait_replicas, wait_timeout = _durability.check(
+            get("lock_redis_wait_replicas", 0),
+            get("lock_redis_wait_timeout", _durability.DEFAULT_WAIT_TIMEOUT),
+            _clients.DEFAULT_SOCKET_TIMEOUT,
+        )
+        factory = _factory(get("lock_manager", None), app)
         directory = get("lock_directory", None)
         if directory is not None:
             if not isinstance(directory, (str, os.PathLike)):
@@ -220,6 +311,11 @@ class LockSettings:
         transport = get("broker_transport_options", None) or {}
         return cls(
             redis_url=redis_url,
+            redis_transport_options=options,
+            redis_ssl=ssl,
+            redis_wait_replicas=wait_replicas,
+            redis_wait_timeout=wait_timeout,
+            manager_factory=factory,
             directory=directory,
             default_ttl=_positive(get("lock_default_ttl", cls.default_ttl), "lock_default_ttl"),
             key_prefix=prefix,
@@ -272,15 +368,28 @@ class LockSettings:
     ) -> LockManager:
         """A new manager for these settings.
 
-        Redis URL and ``fallback="file"``: a :class:`HybridLockManager` of Redis and files;
-        Redis URL and ``fallback=None``: the hybrid without files, which fails closed
-        (``LockBackendUnavailable``) but still opens its circuit, so an outage costs one
-        WARNING and no timeout per task; no Redis URL: a :class:`FileLockManager`.
+        ``lock_manager`` set: whatever its factory returns (``on_transition`` is not wired:
+        the factory builds its own). Redis URL and ``fallback="file"``: a
+        :class:`HybridLockManager` of Redis and files; Redis URL and ``fallback=None``: the
+        hybrid without files, which fails closed (``LockBackendUnavailable``) but still opens
+        its circuit, so an outage costs one WARNING and at most one timeout per task; no
+        Redis URL: a :class:`FileLockManager`. Nothing connects here, except to a Cluster,
+        whose slot map is read now; a Cluster that does not answer yet is an outage like any
+        other (files or fail closed), never an error here.
         """
+        if self.manager_factory is not None:
+            return self.manager_factory()
         if self.redis_url is None:
             return FileLockManager(self.lock_directory, default_ttl=self.default_ttl)
         redis = RedisLockManager.from_url(
-            self.redis_url, prefix=self.key_prefix, default_ttl=self.default_ttl
+            self.redis_url,
+            prefix=self.key_prefix,
+            default_ttl=self.default_ttl,
+            transport_options=self.redis_transport_options,
+            ssl=self.redis_ssl,
+            setting="lock_redis_transport_options",
+            wait_replicas=self.redis_wait_replicas,
+            wait_timeout=self.redis_wait_timeout,
         )
         files = (
             FileLockManager(self.lock_directory, default_ttl=self.default_ttl)

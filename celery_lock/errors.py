@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "LockBackendUnavailable",
+    "LockConfigurationError",
     "LockError",
     "LockKeyError",
     "LockLost",
@@ -77,6 +78,13 @@ class LockNotAcquired(LockError):
 
 class LockBackendUnavailable(LockError, ConnectionError):
     """The lock store cannot be reached and the manager fails closed."""
+
+
+class LockConfigurationError(LockError, ValueError):
+    """The lock store is set up in a way the client cannot work with, so retrying, or falling
+    back to local files, would only hide the mistake: for example a plain ``redis://`` URL that
+    points at one node of a Redis Cluster (its ``MOVED``/``ASK``/``CLUSTERDOWN`` replies).
+    Never treated as an outage: the hybrid manager does not fall back to files for it."""
 
 
 class LockNotOwned(LockError):

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
 from redis.retry import Retry
 
 from tests._redis_server import require_binary
@@ -378,6 +379,17 @@ class LocalCluster:
         kwargs.setdefault("socket_connect_timeout", 0.5)
         kwargs.setdefault("retry", Retry(NoBackoff(), 1))
         return RedisCluster(startup_nodes=self.startup_nodes(), **kwargs)
+
+
+def key_on(cluster: LocalCluster, master: Node) -> str:
+    """A lock key whose slot (the hash tag of ``<prefix>:{<key>}``) a given master serves."""
+    ranges = [(a, b) for a, b, node in cluster.slot_map() if node is master]
+    for i in range(100_000):
+        key = f"job-{i}"
+        slot = key_slot(key.encode())
+        if any(a <= slot <= b for a, b in ranges):
+            return key
+    raise AssertionError(f"no key found for {master}")
 
 
 def _fields(text: str) -> dict[str, str]:

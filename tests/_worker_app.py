@@ -23,6 +23,7 @@ app.conf.update(
     result_backend=os.environ.get("CL_TEST_BACKEND", "cache+memory://"),
     lock_redis_url=os.environ.get("CL_TEST_LOCKS"),
     lock_directory=os.environ.get("CL_TEST_LOCK_DIR"),
+    lock_retry_interval=float(os.environ.get("CL_TEST_RETRY_INTERVAL", "30")),
     broker_connection_retry_on_startup=False,
     worker_prefetch_multiplier=1,
     result_expires=600,
@@ -42,7 +43,14 @@ def record(kind: str, **fields: Any) -> None:
 def hold(self: LockedTask, tag: str, seconds: float) -> str:
     """EXECUTION mode: holds its lock for ``seconds``."""
     lease = self.request.lock_lease
-    record("start", tag=tag, task_id=self.request.id, fence=lease.fence, key=lease.key)
+    record(
+        "start",
+        tag=tag,
+        task_id=self.request.id,
+        fence=lease.fence,
+        key=lease.key,
+        backend=lease.backend,
+    )
     time.sleep(seconds)
     record("end", tag=tag, task_id=self.request.id)
     return tag

@@ -20,3 +20,10 @@ def redis_manager(url: str, prefix: str = "celery_lock") -> RedisLockManager:
 def hybrid_manager(url: str, directory: str) -> HybridLockManager:
     """Redis first, files in ``directory`` while Redis is unreachable."""
     return HybridLockManager(RedisLockManager.from_url(url), FileLockManager(directory))
+
+
+def app_manager(app: object) -> FileLockManager:
+    """A ``lock_manager`` factory (``"tests.factories:app_manager"``): files in a folder named
+    by the app's ``lock_directory`` setting, with a default ttl the settings do not give."""
+    conf = app.conf  # type: ignore[attr-defined]
+    return FileLockManager(conf.lock_directory, default_ttl=12.5)

@@ -24,12 +24,15 @@ from celery_lock.backends import _sentinel
 from celery_lock.backends._clients import (
     DEFAULT_SOCKET_CONNECT_TIMEOUT,
     DEFAULT_SOCKET_TIMEOUT,
+    Deferred,
     broker_lock_url,
     client_from_url,
+    client_or_deferred,
     redact_url,
     url_kind,
 )
 from celery_lock.backends._sentinel import FollowingSentinel, MasterView, SwitchWatcher
+from celery_lock.errors import LockConfigurationError
 from tests._workers import wait_for
 
 SECRET = "s3cr%40t"  # percent-encoded "s3cr@t"
@@ -502,3 +505,48 @@ def test_watcher_backs_off_from_an_unreachable_sentinel_and_logs_once(
         stop.set()
         thread.join(timeout=5)
         server.close()
+
+
+# ------------------------------------------------------------------------------ deferred
+
+
+def test_deferred_cluster_client_is_built_on_first_use_and_failures_are_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    answer = object()
+
+    def build() -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RedisClusterException("Redis Cluster cannot be connected. Please provide ...")
+        return answer
+
+    deferred = Deferred(build, "redis+cluster://:pw@h:1")
+    monkeypatch.setattr(Deferred, "NEGATIVE_TTL", 0.2)
+    with pytest.raises(redis.ConnectionError) as info:
+        deferred.get()
+    assert "pw" not in str(info.value)
+    with pytest.raises(redis.ConnectionError):  # remembered: no second attempt yet
+        deferred.get()
+    assert len(calls) == 1
+    wait_for(lambda: _built(deferred), timeout=5)
+    assert deferred.get() is answer
+    assert len(calls) == 2
+
+
+def _built(deferred: Deferred) -> bool:
+    try:
+        deferred.get()
+    except redis.ConnectionError:
+        return False
+    return True
+
+
+def test_a_server_without_cluster_mode_is_a_configuration_error() -> None:
+    def build() -> Any:
+        raise RedisClusterException("Cluster mode is not enabled on this node")
+
+    assert isinstance(client_or_deferred("redis+cluster://127.0.0.1:1"), Deferred)  # refused
+    with pytest.raises(LockConfigurationError, match="is not a Redis Cluster"):
+        Deferred(build, "redis+cluster://h:1").get()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -15,13 +16,18 @@ from typing import Any
 import pytest
 from celery import Celery, signals
 from celery.contrib.testing.app import set_trap
+from redis.connection import SSLConnection
+from redis.sentinel import SentinelConnectionPool
 
 from celery_lock.backends.file import FileLockManager
 from celery_lock.backends.hybrid import HybridLockManager
 from celery_lock.beat import CLEANUP_TASK
 from celery_lock.config import LockSettings, get_manager, get_settings
+from celery_lock.errors import LockBackendUnavailable
 from celery_lock.modes import LockMode
 from celery_lock.task import LockedTask, install, requeue_countdown
+from tests import factories
+from tests._redis_server import free_port
 from tests._workers import ROOT
 
 
@@ -74,7 +80,7 @@ def test_library_defaults(make_app: Any) -> None:
         ("redis+socket:///tmp/r.sock", "unix:///tmp/r.sock"),
         ("redis://a:1/0;redis://b:1/0", "redis://a:1/0"),
         ("amqp://guest@localhost//", None),
-        ("sentinel://h:26379", None),
+        ("amqp://guest@localhost//;redis://h:1/0", None),
     ],
 )
 def test_redis_url_defaults_to_a_redis_broker(make_app: Any, broker: str, expected: Any) -> None:
@@ -410,3 +416,166 @@ def test_task_cls_and_annotations_lock_at_run_time(make_app: Any) -> None:
         assert annotated.apply((2,)).result == 2
         assert plain.apply((1,)).result == 1
     assert manager.release(lease)
+
+
+# ---------------------------------------------------------------------- more than one server
+
+
+SENTINELS = "sentinel://:pw@127.0.0.1:26379;sentinel://127.0.0.1:26380"
+
+
+def test_sentinel_broker_gives_sentinel_locks_with_the_brokers_options(make_app: Any) -> None:
+    app = make_app(
+        broker_url=SENTINELS,
+        broker_transport_options={"master_name": "mymaster", "visibility_timeout": 600},
+        broker_use_ssl={"ssl_cert_reqs": "none"},
+    )
+    settings = LockSettings.from_app(app)
+    assert settings.redis_url == SENTINELS
+    assert settings.redis_transport_options is not None
+    assert settings.redis_transport_options["master_name"] == "mymaster"
+    assert settings.redis_ssl == {"ssl_cert_reqs": "none"}
+    manager = get_manager(app)  # nothing connects yet
+    assert isinstance(manager, HybridLockManager) and manager.redis is not None
+    client = manager.redis.client
+    pool = client.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+    assert pool.service_name == "mymaster"
+    assert pool.connection_kwargs["password"] == "pw"
+    assert pool.connection_kwargs["ssl_cert_reqs"] == "none"
+    assert pool.connection_kwargs["socket_timeout"] == 1.0
+    client.close()
+
+
+def test_sentinel_url_without_master_name_fails_when_the_settings_are_read(
+    make_app: Any,
+) -> None:
+    with pytest.raises(ValueError, match="master_name") as info:
+        LockSettings.from_app(make_app(broker_url=SENTINELS))
+    assert ":pw@" not in str(info.value)
+    with pytest.raises(ValueError, match="lock_redis_transport_options"):
+        LockSettings.from_app(make_app(lock_redis_url=SENTINELS))
+
+
+def test_lock_settings_win_and_broker_options_stay_with_the_broker(make_app: Any) -> None:
+    broker_options = {"master_name": "broker-master"}
+    # Locks elsewhere: the broker's options are not the locks'.
+    app = make_app(
+        broker_url=SENTINELS,
+        broker_transport_options=broker_options,
+        broker_use_ssl=True,
+        lock_redis_url="redis://127.0.0.1:1/2",
+    )
+    settings = LockSettings.from_app(app)
+    assert (settings.redis_transport_options, settings.redis_ssl) == (None, None)
+    # Explicit lock_redis_* settings win, also when the locks follow the broker.
+    app = make_app(
+        broker_url=SENTINELS,
+        broker_transport_options=broker_options,
+        broker_use_ssl=True,
+        lock_redis_transport_options={"master_name": "lock-master"},
+        lock_redis_use_ssl=False,
+    )
+    settings = LockSettings.from_app(app)
+    assert settings.redis_transport_options == {"master_name": "lock-master"}
+    assert settings.redis_ssl is False
+    # The same servers spelled out in lock_redis_url still follow the broker's options.
+    app = make_app(
+        broker_url=SENTINELS, broker_transport_options=broker_options, lock_redis_url=SENTINELS
+    )
+    assert LockSettings.from_app(app).redis_transport_options == broker_options
+
+
+def test_lock_use_ssl_makes_a_tls_client(make_app: Any) -> None:
+    app = make_app(lock_redis_url="redis://127.0.0.1:1/0", lock_redis_use_ssl=True)
+    manager = get_manager(app)
+    assert isinstance(manager, HybridLockManager) and manager.redis is not None
+    pool = manager.redis.client.connection_pool
+    assert issubclass(pool.connection_class, SSLConnection)
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [("redis+cluster://127.0.0.1:1", "cluster"), ("rediss://127.0.0.1:1/0", "redis")],
+)
+def test_every_url_form_is_accepted(make_app: Any, url: str, kind: str) -> None:
+    assert LockSettings.from_app(make_app(lock_redis_url=url)).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "error", "words"),
+    [
+        ("lock_redis_url", "amqp://u:secret@h//", ValueError, "unsupported"),
+        ("lock_redis_url", "redis://h:1/0;redis://h:2/0", ValueError, "failover list"),
+        ("lock_redis_transport_options", ["master_name"], TypeError, "dict"),
+        ("lock_redis_use_ssl", "yes", TypeError, "True"),
+        ("lock_redis_wait_replicas", -1, ValueError, "wait_replicas"),
+        ("lock_redis_wait_replicas", 1.5, ValueError, "wait_replicas"),
+        ("lock_redis_wait_timeout", 0, ValueError, "wait_timeout"),
+        ("lock_redis_wait_timeout", 5, ValueError, "socket_timeout"),
+        ("lock_manager", "tests.factories:no_such_factory", ValueError, "cannot import"),
+        ("lock_manager", 42, TypeError, "dotted path"),
+    ],
+)
+def test_bad_multi_server_settings(
+    make_app: Any, setting: str, value: Any, error: type[Exception], words: str
+) -> None:
+    conf = {setting: value}
+    if setting == "lock_redis_wait_timeout":
+        conf["lock_redis_wait_replicas"] = 1
+    with pytest.raises(error, match=words) as info:
+        LockSettings.from_app(make_app(**conf))
+    assert "secret" not in str(info.value)
+
+
+def test_wait_settings_reach_the_redis_manager(make_app: Any) -> None:
+    app = make_app(
+        lock_redis_url="redis://127.0.0.1:1/0",
+        lock_redis_wait_replicas=2,
+        lock_redis_wait_timeout=0.25,
+    )
+    manager = get_manager(app)
+    assert isinstance(manager, HybridLockManager) and manager.redis is not None
+    assert (manager.redis._wait_replicas, manager.redis._wait_timeout) == (2, 0.25)
+
+
+@pytest.mark.parametrize("how", ["dotted", "callable"])
+def test_lock_manager_factory_builds_the_apps_manager(
+    make_app: Any, tmp_path: Path, how: str
+) -> None:
+    factory: Any = "tests.factories:app_manager" if how == "dotted" else factories.app_manager
+    app = make_app(lock_manager=factory, lock_redis_url="redis://127.0.0.1:1/0")
+    manager = get_manager(app)
+    assert isinstance(manager, FileLockManager)
+    assert manager.default_ttl == 12.5
+    assert str(manager.directory) == str(tmp_path / "locks")
+    assert get_manager(app) is manager  # built once per process, like the default
+
+
+def test_lock_manager_factory_must_return_a_manager(make_app: Any) -> None:
+    app = make_app(lock_manager=lambda app: object())
+    with pytest.raises(TypeError, match="not a LockManager"):
+        get_manager(app)
+
+
+def test_unreachable_cluster_is_an_outage_not_a_crash(
+    make_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Cluster none of whose startup nodes answers: the app binds, its manager is built,
+    and locks come from files (one WARNING); with lock_fallback=None they fail closed."""
+    caplog.set_level(logging.WARNING, logger="celery_lock")
+    url = f"redis+cluster://127.0.0.1:{free_port()};redis+cluster://127.0.0.1:{free_port()}"
+    app = make_app(lock_redis_url=url, lock_retry_interval=60)
+    manager = get_manager(app)
+    assert isinstance(manager, HybridLockManager)
+    for key in ("a", "b", "c"):
+        lease = manager.acquire(key)
+        assert lease is not None and lease.backend == "file"
+        assert manager.release(lease)
+    warnings = [r for r in caplog.records if r.name == "celery_lock.hybrid"]
+    assert len(warnings) == 1 and "only processes on this host" in warnings[0].getMessage()
+    closed = get_manager(make_app(lock_redis_url=url, lock_fallback=None))
+    with pytest.raises(LockBackendUnavailable):
+        closed.acquire("a")
+    with pytest.raises(LockBackendUnavailable):  # circuit open: at once
+        closed.acquire("b")

@@ -18,6 +18,7 @@ from celery_lock import (
 )
 from tests._contention import run_contention
 from tests._redis_server import RedisServer
+from tests._workers import wait_for
 
 
 @pytest.fixture
@@ -76,18 +77,21 @@ def test_redis_first_then_files_then_redis_again(
     assert "only processes on this host" in warning.getMessage()
     assert str(file.directory) in warning.getMessage()
 
-    # The redis lease is released on redis even while the circuit is open... once it is back.
-    time.sleep(0.35)
-    assert hybrid.acquire("d").backend == "file"  # type: ignore[union-attr] # probe fails
-    assert len(redis_calls) == 2
-    assert any("probe failed" in r.getMessage() for r in records(caplog, logging.DEBUG))
+    # Probes run in the background, never on a caller's path: callers keep using files.
+    probes = count_calls(monkeypatch, redis, "_inspect")
+    wait_for(lambda: len(probes) >= 2, timeout=5, what="two background probes")
+    assert hybrid.acquire("d").backend == "file"  # type: ignore[union-attr]
+    assert len(redis_calls) == 1
+    wait_for(
+        lambda: any("probe failed" in r.getMessage() for r in records(caplog, logging.DEBUG)),
+        what="the failed probe's DEBUG line",
+    )
     assert len(records(caplog, logging.WARNING)) == 1
 
     server.connected = True
-    time.sleep(0.35)
+    wait_for(lambda: not hybrid.using_fallback, timeout=5, what="the probe to close the circuit")
     back = hybrid.acquire("e")
     assert back is not None and back.backend == "redis"
-    assert not hybrid.using_fallback
     assert len(records(caplog, logging.INFO)) == 1
     assert [s for s, _ in transitions] == ["down", "up"]
     assert isinstance(transitions[0][1], LockBackendUnavailable)
@@ -106,7 +110,7 @@ def test_file_held_key_is_not_granted_from_redis_after_recovery(parts) -> None:
     held = hybrid.acquire("job")
     assert held is not None and held.backend == "file"
     server.connected = True
-    time.sleep(0.1)
+    wait_for(lambda: not hybrid.using_fallback, timeout=5, what="recovery")
     assert hybrid.acquire("job") is None  # still held in files
     assert hybrid.is_locked("job")
     assert hybrid.inspect("job").backend == "file"  # type: ignore[union-attr]
@@ -300,3 +304,29 @@ def test_unusable_folder_still_grants_from_redis(parts, monkeypatch: pytest.Monk
     lease = hybrid.acquire("k")
     assert lease is not None and lease.backend == "redis"
     assert hybrid.release(lease) is True  # the shadow's release failure is not the caller's
+
+
+def test_open_circuit_keeps_redis_leases_off_the_callers_path(
+    parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the circuit is open, extending a Redis lease fails at once and releasing it is
+    left to the background probe, which releases it by token once Redis answers (so the key
+    is not held until its TTL after the outage)."""
+    server, redis, file = parts
+    hybrid = HybridLockManager(redis, file, retry_interval=0.1)
+    lease = hybrid.acquire("k", ttl=30)
+    assert lease is not None and lease.backend == "redis"
+    server.connected = False
+    assert hybrid.acquire("other") is not None  # opens the circuit
+    assert hybrid.using_fallback
+    extends = count_calls(monkeypatch, redis, "_extend")
+    releases = count_calls(monkeypatch, redis, "_release")
+    with pytest.raises(LockBackendUnavailable):
+        hybrid.extend(lease)
+    assert hybrid.release(lease) is False  # not confirmed now
+    assert (extends, releases) == ([], [])  # Redis was not touched by either
+    assert not file.is_locked("k")  # the shadow is released at once
+    server.connected = True
+    wait_for(lambda: not hybrid.using_fallback, timeout=5, what="recovery")
+    assert releases == [1]  # by the probe, before the circuit closed
+    assert not redis.is_locked("k")

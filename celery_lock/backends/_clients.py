@@ -28,26 +28,35 @@ see :func:`redact_url`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import threading
+import time as _time
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
 from celery_lock.backends._sentinel import FollowingMaster, FollowingSentinel
+from celery_lock.errors import LockConfigurationError
 
 __all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_RETRIES",
     "DEFAULT_SOCKET_CONNECT_TIMEOUT",
     "DEFAULT_SOCKET_TIMEOUT",
+    "Deferred",
     "LockClient",
     "broker_lock_url",
+    "build_or_defer",
     "client_from_url",
+    "client_or_deferred",
     "redact_url",
+    "socket_timeout",
     "url_kind",
 ]
 
@@ -72,6 +81,11 @@ DEFAULT_SOCKET_TIMEOUT: Final = 1.0
 #: answer the retry either, and redis-py 8's defaults (10 retries with back-off, timeouts
 #: included) turn a refused connection into ~4.5 s and a hung one into minutes.
 DEFAULT_RETRIES: Final = 1
+#: Connections of a single-server client's pool; more commands at once wait for one to be
+#: free (at most the socket timeout). Sentinel and Cluster clients keep redis-py's pools
+#: (100 connections per server, failing with MaxConnectionsError beyond: pass
+#: ``max_connections`` for more).
+DEFAULT_MAX_CONNECTIONS: Final = 100
 #: A pooled connection idle for longer than this (s) is checked with PING before use.
 HEALTH_CHECK_INTERVAL: Final = 30
 #: ``CLIENT SETNAME`` of every lock connection (visible in ``CLIENT LIST``).
@@ -238,10 +252,35 @@ def client_from_url(
             raise ValueError(f"TLS options given for a unix socket URL {redact_url(url)}")
         single = _with_scheme(single, "rediss")
         bounded.update(_ssl_options(ssl))
+    # A pool that makes a command wait for a free connection instead of failing at once with
+    # MaxConnectionsError, which is not an outage (issue 14, item 5: a hundred threads
+    # waiting in QUEUE mode exhausted redis-py's default pool of 100). The wait is bounded
+    # like a reply: a pool that stays full for that long serves a hung server.
+    options = {
+        "max_connections": DEFAULT_MAX_CONNECTIONS,
+        "timeout": socket_timeout,
+        **bounded,
+        **client_kwargs,
+    }
     try:
-        return redis.Redis.from_url(single, **{**bounded, **client_kwargs})
+        pool = redis.BlockingConnectionPool.from_url(single, **options)
     except ValueError as exc:
         raise ValueError(f"invalid lock Redis URL {redact_url(url)}: {exc}") from None
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # it owns its pool, as from_url's clients do
+    return client
+
+
+def socket_timeout(client: object) -> float | None:
+    """``client``'s read timeout in seconds when it can be told (None: unknown or unbounded)."""
+    if isinstance(client, RedisCluster):
+        value = client.nodes_manager.connection_kwargs.get("socket_timeout")
+    else:
+        pool = getattr(client, "connection_pool", None)
+        value = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return None
+    return float(value)
 
 
 def _retry(retries: int) -> Retry:
@@ -428,3 +467,83 @@ def _cluster_client(
         return RedisCluster(url=node_url, startup_nodes=nodes[1:], retry=retry, **kwargs)
     except ValueError as exc:
         raise ValueError(f"invalid lock Redis URL {redact_url(url)}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------- deferred
+
+
+class Deferred:
+    """A client that could not be built yet: a Cluster whose startup nodes did not answer
+    (redis-py reads the slot map while it builds a ``RedisCluster``). :meth:`get` builds it on
+    first use, so an app starts while its lock Cluster is away and uses it once it answers.
+
+    :param build: makes the client (``client_from_url`` with its arguments).
+    :param url: for messages (shown without its password).
+    """
+
+    #: Seconds a failed build is remembered: callers meanwhile fail at once instead of each
+    #: paying the startup nodes' timeouts again.
+    NEGATIVE_TTL: Final = 1.0
+
+    def __init__(self, build: Callable[[], LockClient], url: str) -> None:
+        self._build = build
+        self._url = redact_url(url)
+        self._mutex = threading.Lock()
+        self._client: LockClient | None = None
+        #: (monotonic time, error) of the last failed build.
+        self._failed: tuple[float, redis.ConnectionError] | None = None
+
+    def get(self) -> LockClient:
+        """The client, built now if need be.
+
+        :raises redis.ConnectionError: no startup node answered (now or within
+            ``NEGATIVE_TTL``): an outage like any other.
+        :raises LockConfigurationError: the nodes answered but are not a Cluster.
+        """
+        client = self._client
+        if client is not None:
+            return client
+        with self._mutex:
+            if self._client is not None:
+                return self._client
+            failed = self._failed
+            if failed is not None and _time.monotonic() - failed[0] < self.NEGATIVE_TTL:
+                raise failed[1]
+            try:
+                self._client = build_or_defer(self._build, self._url)
+            except redis.ConnectionError as exc:
+                self._failed = (_time.monotonic(), exc)
+                raise
+            return self._client
+
+
+def client_or_deferred(url: str, **kwargs: Any) -> LockClient | Deferred:
+    """:func:`client_from_url` (same arguments), or a :class:`Deferred` that builds it on
+    first use when the URL names a Cluster none of whose startup nodes answers yet."""
+
+    def build() -> LockClient:
+        return client_from_url(url, **kwargs)
+
+    try:
+        return build_or_defer(build, url)
+    except redis.ConnectionError:
+        return Deferred(build, url)
+
+
+def build_or_defer(build: Callable[[], LockClient], url: str) -> LockClient:
+    """``build()``, with a Cluster that cannot be reached raised as ``redis.ConnectionError``
+    and a server that is not a Cluster as :class:`LockConfigurationError`.
+
+    :raises redis.ConnectionError: no startup node answered.
+    :raises LockConfigurationError: a node answered that Cluster mode is not enabled.
+    """
+    try:
+        return build()
+    except RedisClusterException as exc:
+        if "not enabled" in str(exc):  # redis-py: "Cluster mode is not enabled on this node"
+            raise LockConfigurationError(
+                f"{redact_url(url)} is not a Redis Cluster ({exc}): use redis:// for a single "
+                "server",
+                backend="redis",
+            ) from exc
+        raise redis.ConnectionError(f"Redis Cluster {redact_url(url)}: {exc}") from exc

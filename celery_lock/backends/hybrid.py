@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
 import threading
 import time as _time
+import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
+from celery_lock import _fork
 from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
 from celery_lock._validate import check_ttl
@@ -27,17 +30,41 @@ _T = TypeVar("_T")
 #: ``on_transition(state, error)``: state is ``"down"`` (Redis lost, files in use) or ``"up"``.
 TransitionCallback = Callable[[str, "BaseException | None"], object]
 
+#: The key a background probe reads (INSPECT: one read-only round trip, any Cluster slot).
+PROBE_KEY: Final = "celery_lock-probe"
+#: Longest sleep of a prober thread (s) before it checks that its manager still exists.
+_PROBER_NAP: Final = 1.0
+
+#: Every hybrid of this process, to reset their mutexes in a forked child.
+_hybrids: weakref.WeakSet[HybridLockManager] = weakref.WeakSet()
+
+
+@_fork.in_child
+def _reset_after_fork() -> None:
+    for hybrid in list(_hybrids):
+        # A parent thread may have held it at the fork; the prober thread is not copied and
+        # starts again on the child's next call while the circuit is open.
+        hybrid._state = threading.Lock()
+        hybrid._prober = None
+
 
 class HybridLockManager(LockManager):
     """Redis first; on a connection-class failure, local file locks until Redis answers again.
 
-    On the first failure the manager logs one WARNING, opens its circuit and serves every call
-    from the file backend without touching Redis until ``retry_interval`` seconds have passed;
-    then the next call probes Redis (a failed probe is logged at DEBUG and re-arms the timer); the
-    first success logs one INFO and closes the circuit. A lease is always released and extended
-    on the backend that granted it (``lease.backend``). While it serves from Redis it also holds
-    a same-token "shadow" file lock, so processes on this host that still (or already) see Redis
-    as down cannot take the key from files meanwhile, and vice versa.
+    On the first failure the manager logs one WARNING and opens its circuit: from then on every
+    call is served from the file backend (or fails at once without one) and never touches
+    Redis, so a hung store costs a caller at most one timeout per outage (issue 14). A
+    background thread probes Redis every ``retry_interval`` seconds (a failed probe is logged
+    at DEBUG); the first success logs one INFO and closes the circuit, and the next call uses
+    Redis again. A lease is always released and extended on the backend that granted it
+    (``lease.backend``): while the circuit is open, extending a Redis lease fails at once
+    (the renewer retries while the lease lasts) and releasing one is left to the probe, which
+    releases it by token once Redis answers. While it serves from Redis the hybrid also holds
+    a same-token "shadow" file lock, so processes on this host that still (or already) see
+    Redis as down cannot take the key from files meanwhile, and vice versa.
+
+    A :class:`~celery_lock.errors.LockConfigurationError` (a Redis Cluster node behind a
+    plain URL) is not an outage: it reaches the caller and the circuit stays as it is.
 
     .. warning:: File locks exclude only processes on the **same host**. While Redis is down,
        two hosts can run the same job; fences are comparable only within one backend.
@@ -76,6 +103,11 @@ class HybridLockManager(LockManager):
         self._changed_at = -math.inf
         #: Per-thread facts about the acquire call in progress (was its ttl defaulted?).
         self._call = threading.local()
+        #: The thread that probes Redis while the circuit is open (None: not started).
+        self._prober: threading.Thread | None = None
+        #: Redis leases released while the circuit was open: released by token on recovery.
+        self._unreleased: collections.deque[Lease] = collections.deque(maxlen=4096)
+        _hybrids.add(self)
 
     @property
     def redis(self) -> RedisLockManager | None:
@@ -97,21 +129,24 @@ class HybridLockManager(LockManager):
     # ------------------------------------------------------------ circuit
 
     def _redis_due(self) -> RedisLockManager | None:
-        """The Redis manager if this call should use it (circuit closed, or a probe is due)."""
+        """The Redis manager if calls should use it now (the circuit is closed), else None.
+
+        Never a probe: probes run on the prober thread, so no caller waits for a Redis that
+        does not answer.
+        """
         redis = self._redis
         if redis is None:
             return None
-        probe_at = self._probe_at
-        if probe_at is None or _time.monotonic() >= probe_at:
+        if self._probe_at is None:
             return redis
+        self._ensure_prober()
         return None
 
     def _via_redis(self, call: Callable[[], _T]) -> _T:
-        """Run one Redis call and move the circuit by its outcome.
+        """Run one Redis call and open the circuit if it fails.
 
-        Only a call that started after the last transition may move it: an answer that was in
-        flight when another thread opened the circuit says nothing about Redis now, and a failure
-        that started before a recovery is old news (each would log a false transition).
+        Only a call that started after the last transition may move it: a failure that started
+        before a recovery is old news (it would log a false transition).
         """
         started = _time.monotonic()
         try:
@@ -119,42 +154,36 @@ class HybridLockManager(LockManager):
         except LockBackendUnavailable as exc:
             self._went_down(exc, started)
             raise
-        if self._probe_at is not None:
-            self._came_up(started)
         return result
 
     def _went_down(self, exc: LockBackendUnavailable, started: float | None = None) -> None:
         if started is None:
             started = _time.monotonic()
         with self._state:
-            first = self._probe_at is None
-            if first and started < self._changed_at:
-                return  # began before the last recovery
+            if self._probe_at is not None or started < self._changed_at:
+                return  # already open, or the call began before the last recovery
             now = _time.monotonic()
-            if first:
-                self._changed_at = now
+            self._changed_at = now
             self._probe_at = now + self._retry_interval
-        if first:
-            if self._file is not None:
-                self._log.warning(
-                    "Redis is unreachable for locks (%s); using local file locks in %s, which "
-                    "exclude only processes on this host; retrying Redis every %g s",
-                    exc.__cause__ or exc,
-                    self._file.directory,
-                    self._retry_interval,
-                    extra={"backend": "file", "reason": str(exc.__cause__ or exc)},
-                )
-            else:
-                self._log.warning(
-                    "Redis is unreachable for locks (%s) and no file fallback is configured: "
-                    "lock requests fail until it answers (retrying every %g s)",
-                    exc.__cause__ or exc,
-                    self._retry_interval,
-                    extra={"backend": "redis", "reason": str(exc.__cause__ or exc)},
-                )
-            self._notify("down", exc)
+        self._ensure_prober()
+        if self._file is not None:
+            self._log.warning(
+                "Redis is unreachable for locks (%s); using local file locks in %s, which "
+                "exclude only processes on this host; retrying Redis every %g s",
+                exc.__cause__ or exc,
+                self._file.directory,
+                self._retry_interval,
+                extra={"backend": "file", "reason": str(exc.__cause__ or exc)},
+            )
         else:
-            self._log.debug("Redis probe failed: %s", exc, extra={"backend": "redis"})
+            self._log.warning(
+                "Redis is unreachable for locks (%s) and no file fallback is configured: "
+                "lock requests fail until it answers (retrying every %g s)",
+                exc.__cause__ or exc,
+                self._retry_interval,
+                extra={"backend": "redis", "reason": str(exc.__cause__ or exc)},
+            )
+        self._notify("down", exc)
 
     def _came_up(self, started: float) -> None:
         with self._state:
@@ -164,6 +193,52 @@ class HybridLockManager(LockManager):
             self._changed_at = _time.monotonic()
         self._log.info("Redis answers again; locks are served from Redis")
         self._notify("up", None)
+
+    # ------------------------------------------------------------ probing
+
+    def _ensure_prober(self) -> None:
+        """Start the prober thread unless it runs (one attribute read and is_alive() when it
+        does; a forked child starts its own)."""
+        thread = self._prober
+        if thread is not None and thread.is_alive():
+            return
+        with self._state:
+            thread = self._prober
+            if self._probe_at is None or (thread is not None and thread.is_alive()):
+                return
+            # Only a weak reference: a hybrid nobody uses any more ends its prober.
+            thread = threading.Thread(
+                target=_probe_loop, args=(weakref.ref(self),), name="celery_lock-probe", daemon=True
+            )
+            self._prober = thread
+            thread.start()
+
+    def _probe_delay(self) -> float | None:
+        """Seconds until the next probe is due; None once the circuit is closed."""
+        probe_at = self._probe_at
+        return None if probe_at is None else max(0.0, probe_at - _time.monotonic())
+
+    def _probe(self) -> None:
+        """One probe: a read-only round trip; on success release the leases whose release was
+        left to it, then close the circuit. Runs on the prober thread only."""
+        redis = self._redis
+        assert redis is not None
+        started = _time.monotonic()
+        try:
+            redis._inspect(PROBE_KEY)
+            while self._unreleased:
+                lease = self._unreleased[0]
+                if lease.expires_at > _time.time():
+                    redis._release(lease)  # by token: a lock that changed hands is left alone
+                with contextlib.suppress(IndexError):
+                    self._unreleased.popleft()
+        except Exception as exc:  # noqa: BLE001 - whatever the store says, probe again later
+            with self._state:
+                if self._probe_at is not None:
+                    self._probe_at = _time.monotonic() + self._retry_interval
+            self._log.debug("Redis probe failed: %s", exc, extra={"backend": "redis"})
+            return
+        self._came_up(started)
 
     def _notify(self, state: str, exc: BaseException | None) -> None:
         if self._on_transition is not None:
@@ -238,6 +313,11 @@ class HybridLockManager(LockManager):
                         shadow = file._extend(shadow, file.default_ttl) or shadow
                     return shadow
                 error = exc
+            except BaseException:
+                # Not an outage (LockConfigurationError...): no lease, so no shadow either.
+                if shadow is not None:
+                    self._release_shadow(shadow)
+                raise
             else:
                 if lease is None and shadow is not None:
                     self._release_shadow(shadow)
@@ -279,12 +359,18 @@ class HybridLockManager(LockManager):
         assert manager is not None
         if lease.backend == "file":
             return manager._release(lease)
-        try:
-            released = self._via_redis(lambda: manager._release(lease))
-        except LockBackendUnavailable:
-            # The lease cannot be confirmed released; it ends with its TTL (the caller is not
-            # given an exception: the work is done and nothing else can be saved).
+        if self._probe_at is not None:
+            # Circuit open: not on the caller's path. The probe releases it by token once
+            # Redis answers (until then, or if it never does, it ends with its TTL).
+            self._unreleased.append(lease)
             released = False
+        else:
+            try:
+                released = self._via_redis(lambda: manager._release(lease))
+            except LockBackendUnavailable:
+                # Cannot be confirmed released; it ends with its TTL (the caller is not given
+                # an exception: the work is done and nothing else can be saved).
+                released = False
         self._release_shadow(lease)
         return released
 
@@ -294,7 +380,14 @@ class HybridLockManager(LockManager):
         if lease.backend == "file":
             return manager._extend(lease, ttl)
         # A LockBackendUnavailable is raised, not turned into None ("lost"): the Redis lease may
-        # still be valid, and the renewer retries while it lasts.
+        # still be valid, and the renewer retries while it lasts. While the circuit is open it
+        # is raised at once: the renewer thread must not wait for a hung store either.
+        if self._probe_at is not None:
+            raise LockBackendUnavailable(
+                f"Redis is unreachable for locks: cannot extend {lease.key!r} now",
+                key=lease.key,
+                backend="redis",
+            )
         renewed = self._via_redis(lambda: manager._extend(lease, ttl))
         if renewed is not None and self._file is not None:
             with contextlib.suppress(LockBackendUnavailable):
@@ -368,3 +461,19 @@ class HybridLockManager(LockManager):
         if redis is not None:
             return redis._waiter(key)
         return self._need_file(None)._waiter(key)
+
+
+def _probe_loop(ref: weakref.ReferenceType[HybridLockManager]) -> None:
+    """The prober thread: probe when due until the circuit is closed or the hybrid is gone."""
+    while True:
+        hybrid = ref()
+        if hybrid is None:
+            return
+        delay = hybrid._probe_delay()
+        if delay is None:
+            return
+        if delay <= 0:
+            hybrid._probe()
+            continue
+        del hybrid  # no strong reference while asleep
+        _time.sleep(min(delay, _PROBER_NAP))

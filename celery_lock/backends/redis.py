@@ -7,34 +7,26 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import secrets
 import time as _time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Final, TypeAlias
 
 import redis
-from redis.backoff import NoBackoff
-from redis.client import PubSub
 from redis.cluster import RedisCluster
-from redis.exceptions import (
-    ClusterError,
-    NoScriptError,
-    ReadOnlyError,
-    RedisClusterException,
-    RedisError,
-    ResponseError,
-    SlotNotCoveredError,
-)
-from redis.retry import Retry
+from redis.exceptions import NoScriptError
 
 from celery_lock import _identity
 from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
+from celery_lock.backends import _clients, _durability
 from celery_lock.backends import _redis_scripts as scripts
-from celery_lock.errors import LockBackendUnavailable
+from celery_lock.backends._redis_errors import CLIENT_ERRORS as _CLIENT_ERRORS
+from celery_lock.backends._redis_errors import cluster_node_error, is_connection_error
+from celery_lock.backends._wakeups import WakeUps
+from celery_lock.errors import LockBackendUnavailable, LockConfigurationError
 
 __all__ = ["RedisLockManager", "is_connection_error"]
 
@@ -45,43 +37,8 @@ RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 #: Fence counters live at least this long after the last acquire (ms); see ``scripts.ACQUIRE``.
 _MIN_FENCE_TTL_MS: Final = 60_000
 
-#: Everything a redis-py call can raise: its own errors, cluster set-up errors (not RedisError
-#: subclasses) and raw socket errors.
-_CLIENT_ERRORS: Final = (RedisError, RedisClusterException, OSError)
-
-#: Exception classes that mean "the store cannot be reached right now" (retrying, or falling
-#: back to files, is the right answer). ``BusyLoadingError`` (LOADING), ``AuthenticationError``
-#: and Sentinel's ``MasterNotFoundError`` are ``redis.ConnectionError`` subclasses;
-#: ``MasterDownError`` (MASTERDOWN) is a ``ClusterDownError``, itself a ``ClusterError``.
-_CONNECTION_ERRORS: Final = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    ReadOnlyError,
-    ClusterError,
-    SlotNotCoveredError,
-    OSError,
-)
-
-#: Reply prefixes of the same failures when they come back as a plain ``ResponseError``: an error
-#: raised by ``redis.call`` inside a Lua script is not mapped to its own class by redis-py.
-_CONNECTION_REPLIES: Final = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "NOAUTH")
-
 #: Characters with a meaning in a ``SCAN MATCH`` pattern, escaped in the prefix.
 _GLOB_ESCAPES: Final = str.maketrans({c: "\\" + c for c in "*?[]\\"})
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    """True when ``exc`` means Redis cannot be reached right now.
-
-    Connection-class failures: connection refused/reset, socket timeouts, ``LOADING``,
-    ``READONLY``, ``MASTERDOWN``, ``CLUSTERDOWN`` and authentication errors. A
-    :class:`LockBackendUnavailable` is judged by the Redis error that caused it.
-    """
-    if isinstance(exc, LockBackendUnavailable):
-        return exc.__cause__ is not None and is_connection_error(exc.__cause__)
-    if isinstance(exc, _CONNECTION_ERRORS):
-        return True
-    return isinstance(exc, ResponseError) and str(exc).startswith(_CONNECTION_REPLIES)
 
 
 class RedisLockManager(LockManager):
@@ -97,7 +54,7 @@ class RedisLockManager(LockManager):
     as its ``__cause__``; use :func:`is_connection_error` to tell an outage from other errors.
 
     For a client you build yourself, bound its timeouts and retries the way :meth:`from_url`
-    does: ``socket_timeout`` (e.g. 2 s), ``socket_connect_timeout`` (e.g. 1 s) and
+    does: ``socket_timeout`` (e.g. 1 s), ``socket_connect_timeout`` (e.g. 0.5 s) and
     ``retry=Retry(NoBackoff(), 1)``. redis-py 8's defaults (5 s timeouts, 10 retries with
     back-off) make a refused connection take ~4.5 s and re-send every lock command up to ten
     times. ``decode_responses`` may be either.
@@ -106,14 +63,25 @@ class RedisLockManager(LockManager):
         ``redis.cluster.RedisCluster``.
     :param prefix: namespace of every key this manager writes (no ``{`` or ``}``).
     :param default_ttl: lease seconds when ``acquire(ttl=None)``.
+    :param wait_replicas: after each grant, wait until this many replicas have it (Redis
+        ``WAIT``); a grant fewer replicas acknowledged within ``wait_timeout`` is released and
+        the acquire raises :class:`LockBackendUnavailable`. 0 (default): do not wait.
+    :param wait_timeout: seconds a grant waits for its replicas (below the socket timeout).
     :raises TypeError: for a non-str prefix.
-    :raises ValueError: for an empty prefix, one with braces, or a bad ``default_ttl``.
+    :raises ValueError: for an empty prefix, one with braces, a bad ``default_ttl``,
+        ``wait_replicas`` or ``wait_timeout``.
     """
 
     backend = "redis"
 
     def __init__(
-        self, client: RedisClient, *, prefix: str = "celery_lock", default_ttl: float = 300.0
+        self,
+        client: RedisClient,
+        *,
+        prefix: str = "celery_lock",
+        default_ttl: float = 300.0,
+        wait_replicas: int = 0,
+        wait_timeout: float = _durability.DEFAULT_WAIT_TIMEOUT,
     ) -> None:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
@@ -127,49 +95,101 @@ class RedisLockManager(LockManager):
         #: would release them, and without this the key would stay blocked until its ttl. The
         #: next call that reaches the server releases them by token (see _acquire_again).
         self._orphans: collections.deque[tuple[str, str]] = collections.deque(maxlen=1024)
+        self._wait_replicas, self._wait_timeout = _durability.check(
+            wait_replicas, wait_timeout, _clients.socket_timeout(self._built)
+        )
+        #: Release wake-ups: one pub/sub listener per process for every waiting call.
+        self._wakeups = WakeUps(prefix, self._log)
+
+    #: The client, once built (a Cluster that did not answer yet is built on first use).
+    _built: RedisClient | None = None
+    _deferred: _clients.Deferred | None = None
+
+    @property
+    def _client(self) -> RedisClient:
+        client = self._built
+        if client is None:
+            # Raises redis.ConnectionError while the Cluster is away, inside the callers'
+            # error handling (an outage like any other).
+            client = self._built = self._deferred.get()  # type: ignore[union-attr]
+        return client
+
+    @_client.setter
+    def _client(self, client: RedisClient | _clients.Deferred) -> None:
+        if isinstance(client, _clients.Deferred):
+            self._deferred = client
+        else:
+            self._built = client
 
     @classmethod
     def from_url(
         cls,
         url: str,
         *,
-        socket_timeout: float = 2.0,
-        socket_connect_timeout: float = 1.0,
-        retries: int = 1,
+        socket_timeout: float = _clients.DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout: float = _clients.DEFAULT_SOCKET_CONNECT_TIMEOUT,
+        retries: int = _clients.DEFAULT_RETRIES,
         prefix: str = "celery_lock",
         default_ttl: float = 300.0,
+        transport_options: Mapping[str, Any] | None = None,
+        ssl: Mapping[str, Any] | bool | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = _durability.DEFAULT_WAIT_TIMEOUT,
         **kwargs: Any,
     ) -> RedisLockManager:
-        """Build a manager on a new ``redis.Redis`` client with bounded timeouts and retries.
+        """Build a manager on a new client for ``url`` with bounded timeouts and retries.
 
         A refused connection fails within milliseconds (redis-py 8's defaults take ~4.5 s), a
-        stalled server after ``socket_timeout`` per attempt. When you pass your own client to
-        the constructor instead, give it the same settings: ``socket_timeout``,
-        ``socket_connect_timeout`` and ``retry=Retry(NoBackoff(), 1)``.
+        black-holed one after ``socket_connect_timeout``, a hung server after
+        ``socket_timeout``; timeouts are not retried. A Cluster none of whose startup nodes
+        answers yet gives a manager that raises :class:`LockBackendUnavailable` until one does.
 
-        :param url: ``redis://``, ``rediss://`` or ``unix://`` URL.
-        :param socket_timeout: seconds to wait for a reply.
-        :param socket_connect_timeout: seconds to wait for a connection.
-        :param retries: redis-py retries of a command after a connection error (no back-off).
+        :param url: ``redis://``, ``rediss://``, ``unix://``, kombu's ``sentinel://`` list (with
+            ``transport_options={"master_name": ...}``) or a ``redis+cluster://`` list; see
+            ``celery_lock.backends._clients``.
+        :param socket_timeout: seconds to wait for a reply (default 1.0).
+        :param socket_connect_timeout: seconds to wait for a connection (default 0.5).
+        :param retries: immediate retries of a command after a connection error.
         :param prefix: namespace of every key the manager writes.
         :param default_ttl: lease seconds when ``acquire(ttl=None)``.
-        :param kwargs: passed on to ``redis.Redis.from_url`` (``password``, ``ssl_*`` ...).
+        :param transport_options: kombu-style options of a ``sentinel://`` URL.
+        :param ssl: TLS options as in Celery's ``broker_use_ssl``.
+        :param wait_replicas: see the class.
+        :param wait_timeout: see the class.
+        :param kwargs: passed on to the redis-py client (``password``, ``ssl_*`` ...).
+        :raises ValueError: for an unsupported URL or bad options.
+        :raises LockConfigurationError: for a ``redis+cluster://`` URL of a server that is
+            not a Cluster.
         """
-        client = redis.Redis.from_url(
+
+        client = _clients.client_or_deferred(
             url,
+            transport_options=transport_options,
+            ssl=ssl,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_connect_timeout,
-            retry=Retry(NoBackoff(), retries),
-            health_check_interval=30,
-            client_name="celery_lock",
+            retries=retries,
             **kwargs,
         )
-        return cls(client, prefix=prefix, default_ttl=default_ttl)
+        _durability.check(wait_replicas, wait_timeout, socket_timeout)
+        return cls(
+            client,  # type: ignore[arg-type]  # a Deferred is built on first use (_client)
+            prefix=prefix,
+            default_ttl=default_ttl,
+            wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout,
+        )
 
     @property
     def client(self) -> RedisClient:
-        """The redis-py client this manager uses."""
-        return self._client
+        """The redis-py client this manager uses.
+
+        :raises LockBackendUnavailable: for a Cluster none of whose nodes answered yet.
+        """
+        try:
+            return self._client
+        except redis.ConnectionError as exc:
+            raise self._unavailable(None, exc) from exc
 
     @property
     def prefix(self) -> str:
@@ -219,13 +239,20 @@ class RedisLockManager(LockManager):
         if reply[0] == 0:
             return None
         # now was taken before sending, so expires_at is never later than the server's expiry.
-        return Lease(key, token, int(reply[1]), "redis", ttl, now + ttl, now, os.getpid())
+        lease = Lease(key, token, int(reply[1]), "redis", ttl, now + ttl, now, os.getpid())
+        return self._replicated(lease)
 
     def _acquire_again(
         self, key: str, args: tuple[str, str, str, str, int, int], error: BaseException | None
     ) -> list[Any]:
         """Run the acquire script once more with the same token (after ``error``, if any)."""
         if error is not None and not is_connection_error(error):
+            raise self._unavailable(key, error) from error
+        if isinstance(error, redis.TimeoutError):
+            # No answer within the socket timeout: the server is hung or cut off and would not
+            # answer a re-send either, which would double what a hung store costs the caller
+            # (issue 14). The script may have run: its grant is released later, by token.
+            self._orphans.append((args[0], args[2]))
             raise self._unavailable(key, error) from error
         # After a connection error the reply may have been lost after the script ran: the same
         # token makes the retry answer "already ours" instead of "busy" (simstudioai/sim#6864).
@@ -359,7 +386,41 @@ class RedisLockManager(LockManager):
     # ------------------------------------------------------------------ waiting
 
     def _waiter(self, key: str) -> Waiter:
-        return _PubSubWaiter(self._client, self._name(key) + ":wake", self._log)
+        return self._wakeups.waiter(self._built, self._name(key) + ":wake")
+
+    def _publish_denied(self, exc_text: str) -> None:
+        """A release could not publish its wake-up (``NOPERM``): log one WARNING per manager
+        naming the missing ACL right, and let this process's waiters poll from now on."""
+        self._wakeups.denied("PUBLISH", exc_text)
+
+    # ------------------------------------------------------------------ durability
+
+    def _replicated(self, lease: Lease) -> Lease:
+        """``lease``, once ``wait_replicas`` replicas acknowledged its grant (no-op when 0).
+
+        :raises LockBackendUnavailable: fewer did in ``wait_timeout``; the grant is released
+            (a grant only the master has would be lost with it, and granted again).
+        """
+        if not self._wait_replicas:
+            return lease
+        name = self._name(lease.key)
+        try:
+            acked = _durability.replicas_acknowledging(
+                self._client, name, self._wait_replicas, self._wait_timeout
+            )
+        except _CLIENT_ERRORS as exc:
+            self._give_back(name, lease)
+            raise self._unavailable(lease.key, exc) from exc
+        if acked < self._wait_replicas:
+            self._give_back(name, lease)
+            raise _durability.too_few(lease.key, acked, self._wait_replicas, self._wait_timeout)
+        return lease
+
+    def _give_back(self, name: str, lease: Lease) -> None:
+        try:
+            self._release(lease)
+        except LockBackendUnavailable:
+            self._orphans.append((name, lease.token))  # released on the next round trip
 
     # ------------------------------------------------------------------ helpers
 
@@ -454,66 +515,24 @@ class RedisLockManager(LockManager):
             },
         )
 
-    def _unavailable(self, key: str | None, exc: BaseException) -> LockBackendUnavailable:
+    def _unavailable(
+        self, key: str | None, exc: BaseException
+    ) -> LockBackendUnavailable | LockConfigurationError:
         # Every failure becomes LockBackendUnavailable, not only connection-class ones: an OOM
         # refusal ("command not allowed when used memory > 'maxmemory'"), a WRONGTYPE value or
         # a script error also mean the store cannot grant locks now, and no raw redis exception
-        # may reach the caller. is_connection_error(exc) tells the two kinds apart.
+        # may reach the caller. is_connection_error(exc) tells the two kinds apart. A Cluster
+        # node's redirection is the one exception: retrying or falling back would hide a
+        # wrong URL (issue 14), so it is a LockConfigurationError.
+        misconfigured = cluster_node_error(self._built, key, exc)
+        if misconfigured is not None:
+            return misconfigured
         what = "unreachable" if is_connection_error(exc) else "failed"
         return LockBackendUnavailable(
             f"redis {what} for lock {key!r}: {type(exc).__name__}: {exc}",
             key=key,
             backend="redis",
         )
-
-
-class _PubSubWaiter(Waiter):
-    """Waits for a release on the key's wake-up channel; sleeps when pub/sub is not available.
-
-    Subscribes at construction and waits for the server's confirmation: the SUBSCRIBE and the
-    acquire attempt that follows travel on different connections, so without the confirmation
-    a release between the two could be published before the subscription exists.
-    """
-
-    def __init__(self, client: RedisClient, channel: str, log: logging.Logger) -> None:
-        self._slice = _wait_slice(client)
-        self._pubsub: PubSub | None = None
-        pubsub = None
-        try:
-            # redis-py's annotations of these differ between releases (8.1 / 8.2).
-            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
-            pubsub.subscribe(channel)
-            pubsub.parse_response(block=False, timeout=self._slice)  # type: ignore[no-untyped-call,unused-ignore]
-        except _CLIENT_ERRORS as exc:
-            # Pub/sub refused (a proxy without it, ACLs) or the server is going away: poll.
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("no pub/sub wake-ups (%s), polling", exc, extra={"backend": "redis"})
-            _close(pubsub)
-        else:
-            self._pubsub = pubsub
-
-    def wait(self, seconds: float) -> bool:
-        pubsub = self._pubsub
-        if pubsub is None:
-            return super().wait(seconds)
-        deadline = _time.monotonic() + seconds
-        try:
-            while True:
-                remaining = deadline - _time.monotonic()
-                if remaining <= 0:
-                    return False
-                # Slices shorter than the socket timeout: a longer blocking read would time
-                # out and be retried by redis-py (redis/redis-py#2807, #583).
-                if pubsub.get_message(timeout=min(remaining, self._slice)) is not None:
-                    return True
-        except _CLIENT_ERRORS:
-            self.close()
-            return super().wait(max(0.0, deadline - _time.monotonic()))
-
-    def close(self) -> None:
-        # reset() drops the subscription with the connection and gives it back to the pool.
-        _close(self._pubsub)
-        self._pubsub = None
 
 
 # ---------------------------------------------------------------------- module helpers
@@ -574,19 +593,3 @@ def _opt(value: object, kind: type[Any]) -> Any:
     if kind is float and isinstance(value, int):
         return float(value)
     return value if isinstance(value, kind) else None
-
-
-def _wait_slice(client: RedisClient) -> float:
-    """Longest single pub/sub read: half the client's socket timeout, at most 1 s."""
-    pool = getattr(client, "connection_pool", None)
-    timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
-    if isinstance(timeout, (int, float)) and timeout > 0:
-        return min(1.0, timeout / 2)
-    return 1.0
-
-
-def _close(pubsub: PubSub | None) -> None:
-    if pubsub is None:
-        return
-    with contextlib.suppress(*_CLIENT_ERRORS):  # the connection is being discarded anyway
-        pubsub.close()

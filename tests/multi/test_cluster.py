@@ -13,7 +13,7 @@ from redis.crc import key_slot
 from celery_lock.backends._clients import client_from_url
 from celery_lock.backends.redis import RedisLockManager
 from celery_lock.errors import LockBackendUnavailable
-from tests._cluster import LocalCluster, Node
+from tests._cluster import LocalCluster, key_on
 from tests._workers import wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -29,15 +29,13 @@ def cluster_client(redis_cluster: LocalCluster) -> Iterator[RedisCluster]:
     client.close()
 
 
-def key_on(cluster: LocalCluster, master: Node) -> str:
-    """A lock key whose slot (the hash tag of ``<prefix>:{<key>}``) a given master serves."""
-    ranges = [(a, b) for a, b, node in cluster.slot_map() if node is master]
-    for i in range(100_000):
-        key = f"job-{i}"
-        slot = key_slot(key.encode())
-        if any(a <= slot <= b for a, b in ranges):
-            return key
-    raise AssertionError(f"no key found for {master}")
+def subscribers(cluster: LocalCluster, channel: str) -> int:
+    """Subscribers of ``channel`` on every running node (PUBSUB NUMSUB is per node)."""
+    return sum(
+        int(node.call("PUBSUB", "NUMSUB", channel)[1])
+        for node in cluster.nodes
+        if node.running and not node.paused
+    )
 
 
 def test_cluster_starts_quickly_with_a_replica_per_master(redis_cluster: LocalCluster) -> None:
@@ -91,10 +89,11 @@ def test_locks_on_every_master_exclude_and_hand_off(
         )
         waiter.start()
         # Measure a pub/sub hand-off, not a poll: release once the waiter is subscribed to
-        # the key's wake-up channel (served by the key's master, like the key).
+        # the key's wake-up channel. The manager's one wake-up connection may sit on any node
+        # (cluster pub/sub reaches every node), so count subscribers on all of them.
         channel = f"{PREFIX}:{{{key}}}:wake"
         wait_for(
-            lambda m=master, c=channel: m.call("PUBSUB", "NUMSUB", c)[1] == 1,
+            lambda c=channel: subscribers(redis_cluster, c) == 1,
             timeout=10,
             what="the waiter to subscribe",
         )

@@ -21,12 +21,15 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import BusyLoadingError, ReadOnlyError
+from redis.retry import Retry
 
 from celery_lock import (
     FileLockManager,
     HybridLockManager,
     LockBackendUnavailable,
+    LockConfigurationError,
     LockMode,
     RedisLockManager,
     get_renewer,
@@ -273,10 +276,19 @@ def test_lost_acquire_reply_is_retried_as_ours(
     own_redis_server: RedisServer, admin: redis.Redis, tmp_path: Path, kind: str
 ) -> None:
     """The server freezes (DEBUG SLEEP 0.6 s) right after receiving an acquire whose client
-    times out after 0.4 s: the script runs later, its reply is lost, and the retry (same token)
-    must report the lock as ours (a lease), never as busy; two scripts ran (the proof the reply
-    really was lost) and the stored value carries the lease's token."""
-    manager = make(kind, own_redis_server, tmp_path, socket_timeout=0.4)
+    times out after 0.4 s and re-sends it (a client of the user's that retries timeouts, as
+    redis-py's ``Retry`` does by default; the library's own clients do not: see the next
+    test): the script runs later, its reply is lost, and the retry (same token) must report
+    the lock as ours (a lease), never as busy; two scripts ran (the proof the reply really was
+    lost) and the stored value carries the lease's token."""
+    redis_part = RedisLockManager(
+        own_redis_server.client(socket_timeout=0.4, retry=Retry(NoBackoff(), 1))
+    )
+    manager: Any = redis_part
+    if kind == "hybrid":
+        manager = HybridLockManager(
+            redis_part, FileLockManager(tmp_path / "locks"), retry_interval=RETRY_INTERVAL
+        )
     warm = manager.acquire("warm")  # scripts loaded, connection open
     assert warm is not None
     before = evalsha_calls(admin)
@@ -292,6 +304,38 @@ def test_lost_acquire_reply_is_retried_as_ours(
     assert info is not None and info.token_prefix == lease.token[:8]
     assert info.fence == lease.fence
     assert manager.release(lease)
+
+
+@pytest.mark.parametrize("kind", ["redis", "hybrid"])
+def test_timed_out_acquire_costs_one_timeout_and_blocks_nothing(
+    own_redis_server: RedisServer, admin: redis.Redis, tmp_path: Path, kind: str
+) -> None:
+    """The same stall with the library's own client (timeouts are not re-sent, issue 14: a
+    hung store costs one timeout): the acquire gives up after one socket timeout (plain:
+    LockBackendUnavailable; hybrid: a file lease), and the grant the server made once it woke
+    up is released by the next call that gets through, so the key is not blocked for its
+    ttl."""
+    manager = make(kind, own_redis_server, tmp_path, socket_timeout=0.4)
+    warm = manager.acquire("warm")
+    assert warm is not None
+    before = evalsha_calls(admin)
+    sleeper = stall_server(own_redis_server, admin, 0.6)
+    started = time.monotonic()
+    if kind == "redis":
+        with pytest.raises(LockBackendUnavailable):
+            manager.acquire("k", ttl=30)
+    else:
+        lease = manager.acquire("k", ttl=30)
+        assert lease is not None and lease.backend == "file"
+    elapsed = time.monotonic() - started
+    sleeper.join(timeout=5)
+    assert 0.4 <= elapsed < 0.8, f"{elapsed:.2f} s: more than one socket timeout"
+    assert poll_until(lambda: evalsha_calls(admin) > before, timeout=5)[0], "no late grant"
+    redis_part = manager if kind == "redis" else manager.redis
+    assert redis_part.is_locked("warm")  # a call that gets through releases the orphan
+    assert not redis_part.is_locked("k"), "the orphaned grant was not released"
+    if kind == "hybrid":
+        assert manager.release(lease)
 
 
 def test_stall_with_client_pause_never_reports_busy(
@@ -344,8 +388,9 @@ def test_acquire_that_raised_leaves_no_lock_behind(
 
 
 def test_lost_release_reply_is_safe(own_redis_server: RedisServer, admin: redis.Redis) -> None:
-    """The server freezes right after receiving a release (reply lost, retried): release does
-    not raise, the lock is gone afterwards, and calling release again on the stale lease once a
+    """The server freezes right after receiving a release (reply lost; the library's client
+    does not re-send after a timeout): release raises LockBackendUnavailable (the outcome is
+    unknown), the lock is gone afterwards, and calling release again on the stale lease once a
     successor holds the key leaves the successor alone."""
     manager = RedisLockManager.from_url(own_redis_server.url, socket_timeout=0.4)
     warm = manager.acquire("warm")  # both scripts loaded: no NOSCRIPT round trip below
@@ -353,9 +398,9 @@ def test_lost_release_reply_is_safe(own_redis_server: RedisServer, admin: redis.
     lease = manager.acquire("r", ttl=30)
     assert lease is not None
     sleeper = stall_server(own_redis_server, admin, 0.6)
-    result = manager.release(lease)
+    with pytest.raises(LockBackendUnavailable):
+        manager.release(lease)
     sleeper.join(timeout=5)
-    assert isinstance(result, bool)
     assert not manager.is_locked("r")
     successor = manager.acquire("r", ttl=30)
     assert successor is not None
@@ -365,9 +410,12 @@ def test_lost_release_reply_is_safe(own_redis_server: RedisServer, admin: redis.
 
 
 def test_lost_release_reply_reports_true(own_redis_server: RedisServer, admin: redis.Redis) -> None:
-    """Same stall as above: the lease was valid and its first attempt deleted it, so release
-    must report True (False means "lost while held" to callers: lock() raises LockLost)."""
-    manager = RedisLockManager.from_url(own_redis_server.url, socket_timeout=0.4)
+    """Same stall as above, with a client that re-sends after a timeout (redis-py's default
+    ``Retry`` errors): the lease was valid and its first attempt deleted it, so release must
+    report True (False means "lost while held" to callers: lock() raises LockLost)."""
+    manager = RedisLockManager(
+        own_redis_server.client(socket_timeout=0.4, retry=Retry(NoBackoff(), 1))
+    )
     warm = manager.acquire("warm")  # both scripts loaded: no NOSCRIPT round trip below
     assert warm is not None and manager.release(warm)
     lease = manager.acquire("r", ttl=30)
@@ -398,8 +446,14 @@ UNAVAILABLE = {
     "readonly-reply": "READONLY You can't write against a read only replica.",
     "masterdown-reply": "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is "
     "set to 'no'.",
-    "clusterdown-reply": "CLUSTERDOWN The cluster is down",
     "noauth-reply": "NOAUTH Authentication required.",
+}
+#: Replies only a Redis Cluster node gives: through a plain (non-cluster) client they mean the
+#: URL names one node of a Cluster, a configuration error (issue 14), never an outage.
+CLUSTER_NODE = {
+    "moved-reply": "MOVED 3999 127.0.0.1:7001",
+    "ask-reply": "ASK 3999 127.0.0.1:7001",
+    "clusterdown-reply": "CLUSTERDOWN The cluster is down",
 }
 PATCHED = {"loading-raised": BusyLoadingError, "readonly-raised": ReadOnlyError}
 
@@ -424,6 +478,30 @@ def unavailable_url(
             yield replica.url, None
         finally:
             replica.kill()
+
+
+@pytest.mark.parametrize("name", CLUSTER_NODE)
+def test_cluster_node_replies_are_a_configuration_error(name: str, tmp_path: Path) -> None:
+    """MOVED / ASK / CLUSTERDOWN to a plain client: LockConfigurationError naming the fix,
+    from the plain manager and through the hybrid, which neither falls back nor opens its
+    circuit nor leaves its shadow file lock behind."""
+    with FakeRespServer(CLUSTER_NODE[name]) as fake:
+        plain = RedisLockManager.from_url(fake.url, socket_timeout=0.5)
+        with pytest.raises(LockConfigurationError) as caught:
+            plain.acquire("k", ttl=30)
+        assert "this is a Redis Cluster node; use redis+cluster://127.0.0.1:" in str(caught.value)
+        assert isinstance(caught.value, ValueError)
+        files = FileLockManager(tmp_path / "locks")
+        hybrid = HybridLockManager(
+            RedisLockManager.from_url(fake.url, socket_timeout=0.5), files, retry_interval=30.0
+        )
+        with counting_logs() as logs:
+            for _ in range(2):
+                with pytest.raises(LockConfigurationError):
+                    hybrid.acquire("k", ttl=30)
+        assert not hybrid.using_fallback
+        assert logs.count("celery_lock.hybrid", "WARNING") == 0
+        assert not files.is_locked("k")
 
 
 def test_unavailable_replies(
