@@ -45,11 +45,11 @@ if value and string.byte(value, 1) ~= 126 then
   end
   return {0, redis.call('PTTL', KEYS[1]), value}
 end
--- The fence is max(last fence + 1, server clock in microseconds): strictly increasing while the counter
--- lives, and never below the clock, so grants a failed master handed out just before it died
--- (lost with it: replication is asynchronous) are below every grant made after the failover,
--- as long as the nodes' clocks agree to within the failover time. A double holds microseconds since the
--- epoch exactly (< 2^53 until the year 2255); '%.0f' prints it without an exponent.
+-- The fence is max(last fence + 1, server clock in microseconds): strictly increasing while
+-- the counter lives, and never below the clock, so grants a failed master handed out just
+-- before it died (lost with it: replication is asynchronous) are below every grant made after
+-- the failover, as long as the nodes' clocks agree to within the failover time. A double holds
+-- microseconds since the epoch exactly (< 2^53 until the year 2255); '%.0f' prints it whole.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
