@@ -12,11 +12,11 @@ import os
 import random
 import secrets
 import time as _time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from celery_lock import _identity
-from celery_lock._types import CleanReport, Lease, LockInfo
+from celery_lock._types import Claim, CleanReport, Lease, LockInfo
 from celery_lock._validate import check_key, check_timeout, check_ttl
 from celery_lock.errors import LockLost, LockNotAcquired
 from celery_lock.modes import LockMode
@@ -24,7 +24,13 @@ from celery_lock.modes import LockMode
 if TYPE_CHECKING:
     from celery_lock.renewer import RenewalHandle
 
-__all__ = ["LockManager", "Waiter"]
+__all__ = ["DONE_TTL", "HandOff", "LockManager", "Waiter"]
+
+#: ``callback(key, task_id, payload)``: what a release does with the waiter whose turn it is
+#: (the Celery layer publishes the waiter's wake-up message). See :meth:`LockManager.set_handoff`.
+HandOff = Callable[[str, str, bytes], object]
+#: Default seconds a finished job's marker (and a waiter line) lives (``claim``/``finish``).
+DONE_TTL: Final = 3660.0
 
 
 #: Compact JSON for holder metadata (made once: ``json.dumps`` with options builds an encoder per
@@ -58,9 +64,13 @@ class LockManager(abc.ABC):
     poll_min: ClassVar[float] = 0.01
     poll_max: ClassVar[float] = 0.25
 
+    #: Seconds the key stays reserved for the waiter a release handed it to.
+    reserve_ttl: ClassVar[float] = 60.0
+
     def __init__(self, *, default_ttl: float = 300.0) -> None:
         self._default_ttl = check_ttl(default_ttl, name="default_ttl")
         self._log = logging.getLogger(f"celery_lock.{self.backend}")
+        self._handoff: HandOff | None = None
 
     @property
     def default_ttl(self) -> float:
@@ -244,6 +254,143 @@ class LockManager(abc.ABC):
                 backend=lease.backend,
                 fence=lease.fence,
             )
+
+    # ---------------------------------------------------------------- jobs
+
+    def set_handoff(self, callback: HandOff | None) -> None:
+        """Set what a release does when a waiter's turn comes (see :meth:`claim`).
+
+        ``callback(key, task_id, payload)`` runs in the releasing thread after the release,
+        with the ``waiter`` payload the job gave to :meth:`claim`; an exception it raises is
+        logged and swallowed (the waiter's own safety net still runs it).
+        """
+        self._handoff = callback
+
+    def claim(
+        self,
+        key: str,
+        *,
+        task_id: str,
+        ttl: float | None = None,
+        task_name: str | None = None,
+        waiter: bytes | None = None,
+        done_ttl: float = DONE_TTL,
+    ) -> Claim:
+        """One attempt to take ``key`` for the job ``task_id`` (a Celery task id); never waits.
+
+        In one atomic step of the store:
+
+        - a ``task_id`` recorded as finished by :meth:`finish` gives ``"finished"``;
+        - a free key, or one reserved for this ``task_id`` by a release, is granted (and the
+          job leaves the waiter line);
+        - a held key with ``waiter`` given records the job as a FIFO waiter of the key (once
+          per task id; the payload is replaced): ``"queued"``. When a release hands the key
+          over, it reserves the key for the first waiter for :attr:`reserve_ttl` seconds and
+          calls the hand-off callback with its payload;
+        - otherwise ``"held"``.
+
+        Backends without a waiter line (a plain :class:`LockManager` subclass) answer
+        ``"held"`` where others answer ``"queued"``.
+
+        :param done_ttl: seconds a waiter line lives without activity.
+        :raises LockBackendUnavailable: when the store cannot be reached (fail-closed managers).
+        """
+        check_key(key)
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError(f"task_id must be a non-empty str, got {task_id!r}")
+        if waiter is not None and not isinstance(waiter, bytes):
+            raise TypeError(f"waiter must be bytes or None, got {type(waiter).__name__}")
+        ttl_s = self._default_ttl if ttl is None else check_ttl(ttl)
+        claim = self._claim(
+            key, ttl_s, secrets.token_hex(16), task_id, task_name, waiter, check_ttl(done_ttl)
+        )
+        lease = claim.lease
+        if lease is not None:
+            if lease.pid is None or lease.task_id != task_id:
+                lease = dataclasses.replace(lease, pid=lease.pid or os.getpid(), task_id=task_id)
+                claim = dataclasses.replace(claim, lease=lease)
+            if self._log.isEnabledFor(logging.DEBUG):
+                self._debug_acquired(lease, 0.0)
+        return claim
+
+    def finish(self, lease: Lease, *, done_ttl: float = DONE_TTL, mark: bool = True) -> bool:
+        """Release the lease of a job whose run completed (see :meth:`claim`).
+
+        Later claims of ``lease.task_id`` answer ``"finished"`` for ``done_ttl`` seconds when
+        ``mark`` is true or when copies of the job wait in the key's line (they are removed).
+        The key then goes to the first waiter, as with :meth:`release`.
+        """
+        self._check_lease(lease)
+        if not self._in_owner(lease, "release"):
+            return False
+        if lease.task_id is None:
+            return self.release(lease)
+        released = self._finish(lease, check_ttl(done_ttl), mark)
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug(
+                "lock %s: %s",
+                "released" if released else "release found it no longer ours",
+                lease.key,
+                extra=self._extra(lease, hold_ms=self._hold_ms(lease), task_id=lease.task_id),
+            )
+        return released
+
+    def remove_waiter(self, key: str, task_id: str) -> bool:
+        """Take ``task_id`` out of the waiter line of ``key`` (a revoked job); if the key was
+        reserved for it, hand it to the next waiter. True when something was removed."""
+        return self._remove_waiter(check_key(key), task_id)
+
+    def waiting(self, key: str) -> list[str]:
+        """Task ids waiting for ``key``, first in line first (for operators and tests)."""
+        return self._waiting(check_key(key))
+
+    def _hand_off(self, key: str, task_id: str, payload: bytes) -> None:
+        """Give a waiter its turn: call the hand-off callback (from the releasing thread)."""
+        callback = self._handoff
+        if callback is None:
+            self._log.debug(
+                "lock %s reserved for waiter %s; no hand-off callback is set",
+                key,
+                task_id,
+                extra={"lock_key": key, "backend": self.backend, "task_id": task_id},
+            )
+            return
+        try:
+            callback(key, task_id, payload)
+        except Exception as exc:  # noqa: BLE001 - the waiter's safety net still runs it
+            self._log.warning(
+                "could not wake waiter %s of lock %s (it runs when its re-queued copy is due): %r",
+                task_id,
+                key,
+                exc,
+                extra={"lock_key": key, "backend": self.backend, "task_id": task_id},
+            )
+
+    def _claim(
+        self,
+        key: str,
+        ttl: float,
+        token: str,
+        task_id: str,
+        task_name: str | None,
+        waiter: bytes | None,  # noqa: ARG002 - no waiter line in the generic version
+        done_ttl: float,  # noqa: ARG002
+    ) -> Claim:
+        """The generic claim: a plain attempt; backends with a waiter line override it."""
+        lease = self._try_acquire(key, ttl, token, task_id, task_name)
+        if lease is not None:
+            return Claim("granted", lease)
+        info = self._inspect(key)
+        return Claim("held", None, info.task_id if info is not None else None)
+
+    def _finish(self, lease: Lease, done_ttl: float, mark: bool) -> bool:  # noqa: ARG002
+        return self._release(lease)
+
+    def _remove_waiter(self, key: str, task_id: str) -> bool:  # noqa: ARG002
+        return False
+
+    def _waiting(self, key: str) -> list[str]:  # noqa: ARG002
+        return []
 
     @abc.abstractmethod
     def clean(self, *, dry_run: bool = False) -> CleanReport:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["CleanReport", "Lease", "LockInfo"]
+__all__ = ["Claim", "CleanReport", "Lease", "LockInfo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,9 @@ class Lease:
     #: extend it (a child forked while it was held must not end its parent's lock). None:
     #: unknown (a lease built by hand), any process may. Not shown and not compared.
     pid: int | None = dataclasses.field(default=None, repr=False, compare=False)
+    #: The job (Celery task id) the lease was claimed for by :meth:`LockManager.claim`; None
+    #: for a plain ``acquire``. Not shown and not compared.
+    task_id: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         # Never print the whole token: it is a capability.
@@ -43,6 +46,25 @@ class Lease:
             f"Lease(key={self.key!r}, token={self.token[:8]}..., fence={self.fence}, "
             f"backend={self.backend!r}, ttl={self.ttl}, expires_at={self.expires_at:.3f})"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """What :meth:`LockManager.claim` decided for one job (a task id) on one key.
+
+    ``outcome`` is one of:
+
+    - ``"granted"``: ``lease`` holds the lock; run the job.
+    - ``"held"``: another holder has it and nothing was recorded (no ``waiter`` was given).
+    - ``"queued"``: it is held; the job was recorded as a FIFO waiter of the key and its
+      ``waiter`` payload is handed to the hand-off callback when its turn comes.
+    - ``"finished"``: this task id already ran to completion: drop this copy.
+    """
+
+    outcome: str
+    lease: Lease | None = None
+    #: Task id recorded by the current holder (or the waiter the key is reserved for).
+    holder_task_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
