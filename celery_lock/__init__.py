@@ -10,7 +10,7 @@ from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
 from celery_lock._base import LockManager
-from celery_lock._types import CleanReport, Lease, LockInfo
+from celery_lock._types import Claim, CleanReport, Lease, LockInfo
 from celery_lock.backends.file import FileLockManager
 from celery_lock.backends.hybrid import HybridLockManager
 from celery_lock.backends.redis import RedisLockManager
@@ -37,6 +37,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "Claim",
     "CleanReport",
     "FileLockManager",
     "HybridLockManager",

@@ -246,8 +246,9 @@ class LockSettings:
     cleanup_interval: float | None = 300.0
     #: ``lock_default_mode``: ``lock_mode`` of tasks that do not set one.
     default_mode: LockMode = LockMode.EXECUTION
-    #: ``lock_default_countdown``: base QUEUE countdown for tasks without ``lock_countdown``.
-    default_countdown: float = 1.0
+    #: ``lock_default_countdown``: base seconds of a QUEUE waiter's safety-net re-queue for
+    #: tasks without ``lock_countdown`` (the release wakes the waiter long before it is due).
+    default_countdown: float = 30.0
     #: ``lock_default_max_requeues``: QUEUE re-queue cap for tasks that do not set one.
     default_max_requeues: int | None = None
     #: ``lock_default_on_duplicate``: EXECUTION duplicate handling for tasks that do not set it.
@@ -258,6 +259,13 @@ class LockSettings:
     #: countdowns stay below a quarter of it, since a message held longer is redelivered
     #: (celery/celery#2599, #7009).
     visibility_timeout: float = 3600.0
+
+    @property
+    def done_ttl(self) -> float:
+        """Seconds a finished job's marker (and a key's waiter line) lives: past the broker's
+        ``visibility_timeout``, the longest a copy of the job can still arrive after it ran
+        (a redelivery; a safety-net re-queue's countdown is at most a quarter of it)."""
+        return self.visibility_timeout + 60.0
 
     @classmethod
     def from_app(cls, app: Celery) -> LockSettings:
@@ -512,6 +520,10 @@ def get_manager(app: Celery) -> LockManager:
                         lock_fallback.send(sender=sender, state=status, exc=exc)
 
                 manager = settings.build_manager(on_transition)
+                # A release hands the key to the next waiting task by publishing its wake-up.
+                from celery_lock import _wakeup  # noqa: PLC0415 - it imports Celery's canvas
+
+                manager.set_handoff(_wakeup.publisher(app))
                 state.manager, state.generation = manager, generation
     return manager
 

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["lock_acquired", "lock_fallback", "lock_lost", "lock_requeued", "lock_skipped"]
+__all__ = [
+    "lock_acquired",
+    "lock_fallback",
+    "lock_lost",
+    "lock_requeued",
+    "lock_skipped",
+    "lock_woken",
+]
 
 #: A task took its lock and is about to run.
 #:
@@ -38,6 +45,12 @@ lock_skipped = Signal(name="lock_skipped")
 #: or when the lock store was unreachable), ``requeues`` (how many times this call has now been
 #: re-queued, 1 for the first), ``countdown`` (seconds until it runs again).
 lock_requeued = Signal(name="lock_requeued")
+
+#: A release handed a QUEUE key to the first waiting call and published its wake-up.
+#:
+#: ``sender``: the woken task (None when this process does not know it). Arguments:
+#: ``task_id`` (of the woken call), ``key``. Sent by the releasing process.
+lock_woken = Signal(name="lock_woken")
 
 #: A running task's lease was lost (it expired or was taken over while the task ran).
 #:

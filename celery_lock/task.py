@@ -1,46 +1,41 @@
 """``LockedTask``: a Celery task base class that takes a lock around each run.
 
-The lock is taken when the task starts (in ``__call__``, which Celery's tracer calls for a task
-class with its own ``__call__``), not when it is published: ``send_task``, beat, Flower and
-non-Python producers are covered, and a crashed producer never leaves a lock behind (celery-once
-#113/#136, celery-singleton #24/#37 lock at publish and are bypassed by all of these).
+The lock is taken when the task's body starts (``run`` is wrapped when the task binds, so the
+worker's tracer, ``apply()`` and direct calls all go through it), not when it is published:
+``send_task``, beat, Flower and non-Python producers are covered, and a crashed producer never
+leaves a lock behind (celery-once #113/#136, celery-singleton #24/#37 lock at publish and are
+bypassed by all of these).
 
 Per call: the key is built once from the request's arguments; the lease lives on the request
 (``self.request.lock_lease``) and is released in a ``finally`` on every path the task itself
 survives (success, failure, ``retry``, ``Ignore``, ``Reject``). Paths it does not survive are
 handled by the worker's main process: a child killed by SIGKILL/OOM/hard time limit
 (``task_failure`` with ``WorkerLostError``) or by revoke-and-terminate (``task_revoked``) has its
-lock deleted at once by compare-and-delete on that task's own holder entry.
+lock deleted at once by compare-and-delete on that task's own holder entry (``_worker.py``).
+
+In a worker a call is a *job*, named by its task id (DESIGN §4a). Its claim is one round trip
+that also answers whether that task id already ran (a redelivered or re-queued copy: dropped)
+and, for a QUEUE duplicate, records it as a FIFO waiter whose wake-up the holder's release
+publishes (``_wakeup.py``); a safety-net re-queue stays in the broker in case it never comes.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import inspect
 import logging
 import random
-import signal as _signal
-import threading
 import time as _time
 import types
-import weakref
 from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, NoReturn
 
-from billiard.exceptions import WorkerLostError
 from celery import Task
-from celery import signals as celery_signals
-from celery._state import _task_stack  # type: ignore[attr-defined]  # missing from the stubs
-from celery.exceptions import Ignore, TimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.log import get_logger
 
-from celery_lock.beat import register_cleanup
-from celery_lock.config import (
-    OPTION_NAMES,
-    LockSettings,
-    TaskLockOptions,
-    get_manager,
-    warn_if_host_local,
-)
+from celery_lock import _wakeup
+from celery_lock._worker import _on_task_failure, _on_task_revoked, install
+from celery_lock.config import OPTION_NAMES, LockSettings, TaskLockOptions, get_manager
 from celery_lock.config import get_settings as _get_settings
 from celery_lock.errors import LockBackendUnavailable, LockError, LockNotAcquired
 from celery_lock.modes import LockMode
@@ -54,9 +49,12 @@ if TYPE_CHECKING:
     from celery.app.task import Context
 
     from celery_lock._base import LockManager
+    from celery_lock._types import Claim, Lease
     from celery_lock.keys import KeySpec
 
 __all__ = ["REQUEUES_HEADER", "LockedTask", "install", "requeue_countdown"]
+# Re-exported for code that imported the worker handlers from here.
+_WORKER_HANDLERS = (_on_task_failure, _on_task_revoked)
 
 logger = get_logger(__name__)
 
@@ -66,14 +64,11 @@ logger = get_logger(__name__)
 REQUEUES_HEADER: Final = "lock_requeues"
 #: QUEUE countdowns double per re-queue up to this multiple of ``lock_countdown``.
 _GROWTH_CAP_EXPONENT: Final = 4
-#: revoke(terminate=True, signal=...) signals that end a prefork child at once. Others
-#: (SIGUSR1 raises SoftTimeLimitExceeded, SIGINT is ignored by children) may let the task run
-#: on, so its lock is left to the task's own ``finally``.
-_KILLING_SIGNALS: Final = frozenset(
-    {_signal.SIGTERM, _signal.SIGKILL, _signal.SIGQUIT, _signal.SIGHUP, _signal.SIGABRT}
-)
-#: Request attribute holding ``(manager, lease, renewal handle)`` while the lock is held.
+#: Request attribute holding ``(manager, lease, renewal handle, request)`` while the lock is
+#: held (the request itself: Celery copies it into a nested direct call's request).
 _HELD: Final = "_celery_lock_held"
+#: Attribute of the wrapper ``run`` that holds the task's own ``run`` (raw class attribute).
+_ORIGINAL: Final = "_celery_lock_run"
 
 
 def requeue_countdown(base: float, requeues: int, visibility_timeout: float) -> float:
@@ -113,15 +108,25 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
       callbacks run; a chain stops).
     - EXECUTION, ``"ignore"``: raises Celery's ``Ignore``: no state is stored and a chain stops
       (inside a chord header this hangs the chord: prefer ``skip`` there).
-    - QUEUE in a worker: the message is re-published with the same task id, routing and canvas
-      links and a growing countdown, then the current delivery is acknowledged (``Ignore``);
-      the caller's ``AsyncResult`` stays not-ready until the real run.
+    - QUEUE in a worker: the call waits in the key's line (FIFO) and keeps a safety-net copy
+      in the broker (the message re-published with the same task id, routing and canvas links
+      and a long, growing countdown); the current delivery is acknowledged (``Ignore``). The
+      holder's release publishes the first waiter at once. The caller's ``AsyncResult`` stays
+      not-ready until the real run.
     - QUEUE in eager mode or a direct call: waits in-process up to the TTL, then raises
       ``LockNotAcquired``.
+
+    A copy of a call whose task id already ran to completion, or is running (a redelivery,
+    a re-queued copy), never runs or stores anything: it waits while the original runs and is
+    dropped (``Ignore``, one INFO line) once it finished, or runs once if the original died.
 
     The running task sees its lease as ``self.request.lock_lease`` (``None`` when unlocked);
     pass ``lock_lease.fence`` to the resource you protect.
     """
+
+    #: ``lock_on_duplicate="fail"`` is an expected outcome: the worker logs it at INFO, without
+    #: a traceback (Celery's ``Task.throws``).
+    throws = (LockNotAcquired,)
 
     #: ``LockMode.EXECUTION`` (a duplicate does not run) or ``LockMode.QUEUE`` (it runs after
     #: the holder); the strings ``"execution"`` / ``"queue"`` in any case work too.
@@ -134,9 +139,9 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
     #: (``"account:{account_id}"``), or a callable called as ``lock_key(*args, **kwargs)`` with
     #: the call's own arguments (never ``self``). Always prefixed by the task name.
     lock_key: ClassVar[KeySpec] = None
-    #: QUEUE: base seconds before a re-queued duplicate runs again (doubles per re-queue up to
-    #: 16 times, jittered, at most a quarter of the broker's ``visibility_timeout``).
-    #: Default: ``lock_default_countdown``, else 1.
+    #: QUEUE: base seconds of a waiting duplicate's safety-net re-queue, which runs it if no
+    #: release wakes it first (doubles per re-queue up to 16 times, jittered, at most a quarter
+    #: of the broker's ``visibility_timeout``). Default: ``lock_default_countdown``, else 30.
     lock_countdown: ClassVar[float | None] = None
     #: QUEUE: N allows N re-queues and fails the (N+1)-th conflict with ``LockNotAcquired``.
     #: Default: ``lock_default_max_requeues``, else no cap (the holder's TTL bounds the wait).
@@ -173,6 +178,8 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
             )
         else:
             cls._lock_options = None
+        # Unlocked tasks too: their run sees request.lock_lease as None.
+        _wrap_run(cls)
 
     @classmethod
     def _lock_values(cls) -> dict[str, Any]:
@@ -181,85 +188,119 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
 
     # ------------------------------------------------------------------ running
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the task under its lock (or unlocked when it sets no lock options)."""
-        request = self.request_stack.top
-        if request is None or request.called_directly or "lock_lease" in vars(request):
-            # A direct call (or a nested call of the running task): it gets a request of its
-            # own, as Task.__call__ would give it, so the lease is visible on it.
-            _task_stack.push(self)
-            self.push_request(args=args, kwargs=kwargs)
-            try:
-                return self._run_locked(self.request, args, kwargs)
-            finally:
-                self.pop_request()
-                _task_stack.pop()
-        # Traced by a worker or by apply(): run on the tracer's request (Celery's own stack
-        # protection does the same for a custom __call__ in workers).
-        return self._run_locked(request, args, kwargs)
-
-    def _run_locked(self, request: Context, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    def _locked(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], run: Callable[..., Any]
+    ) -> Any:
+        """Run ``run(*args, **kwargs)`` under the call's lock (the wrapped ``run``)."""
+        request = self.request
         options = self._lock_options
-        # Also marks the request as entered (see __call__).
-        request.lock_lease = None  # type: ignore[attr-defined]  # our own request attribute
-        if options is None:
-            return self.run(*args, **kwargs)
-        in_worker = not (request.called_directly or request.is_eager)
-        key = options.keys.key(args, kwargs)
-        manager = get_manager(self.app)
-        # In a worker a duplicate never blocks a slot; without a queue (eager/direct) QUEUE
-        # mode waits in-process, up to the TTL.
-        wait = options.mode is LockMode.QUEUE and not in_worker
+        held = getattr(request, _HELD, None)
+        if options is None or (held is not None and held[3] is request):
+            # Unlocked, or run() called again inside the run that holds the lock.
+            if options is None:
+                request.lock_lease = None  # type: ignore[attr-defined]  # our own attribute
+            return run(*args, **kwargs)
+        # A direct call of the task inside its own run gets a copy of the running request
+        # (Task.push_request): it is a call of its own, never the job itself.
+        nested = held is not None
+        setattr(request, _HELD, None)
+        request.lock_lease = None  # type: ignore[attr-defined]
+        call = _Call(
+            request, args, kwargs, options.keys.key(args, kwargs), options, get_manager(self.app)
+        )
         started = _time.monotonic()
-        try:
-            lease = manager.acquire(
-                key,
-                ttl=options.ttl,
-                mode=LockMode.QUEUE if wait else LockMode.EXECUTION,
-                task_id=request.id,
-                task_name=self.name,
-            )
-        except LockBackendUnavailable as exc:
-            # Fail closed (lock_fallback=None): a QUEUE call waits its turn through the broker;
-            # an EXECUTION call fails.
-            if options.mode is LockMode.QUEUE and in_worker:
-                self._requeue(_Call(request, args, kwargs, key, options, manager), None)
-            raise LockBackendUnavailable(
-                f"task {self.name!r}: cannot take lock {key!r}: {exc}",
-                key=key,
-                backend=exc.backend,
-                task_name=self.name,
-                task_id=request.id,
-            ) from exc
+        in_worker = not (nested or request.called_directly or request.is_eager) and bool(request.id)
+        lease = self._claim(call) if in_worker else self._acquire(call)
         if lease is None:
-            return self._duplicate(_Call(request, args, kwargs, key, options, manager), in_worker)
-        setattr(request, _HELD, (manager, lease, None))
+            return None  # a skipped duplicate
+        setattr(request, _HELD, (call.manager, lease, None, request))
+        finished = False
         try:
             request.lock_lease = lease  # type: ignore[attr-defined]
-            wait_ms = round((_time.monotonic() - started) * 1000, 3)
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug(
-                    "%s[%s] took lock %s (fence %d)",
-                    self.name,
-                    request.id,
-                    key,
-                    lease.fence,
-                    extra=self._extra(request, key, lease.backend, lease.fence, wait_ms=wait_ms),
-                )
-            lock_acquired.send(
-                sender=self, task_id=request.id, key=key, lease=lease, wait_ms=wait_ms
-            )
+            self._took(call, lease, _time.monotonic() - started)
             if options.renew:
                 handle = get_renewer().register(
-                    manager,
+                    call.manager,
                     lease,
                     on_lost=self._on_lost(request),
                     extra={"task_id": request.id, "task_name": self.name},
                 )
-                setattr(request, _HELD, (manager, lease, handle))
-            return self.run(*args, **kwargs)
+                setattr(request, _HELD, (call.manager, lease, handle, request))
+            result = run(*args, **kwargs)
+        except Retry:
+            raise  # a new attempt of the job (retry() released the lock before publishing it)
+        except Reject as exc:
+            finished = not getattr(exc, "requeue", False)  # a requeued message runs the job again
+            raise
+        except Exception:
+            finished = True  # the job ran and failed: its result is stored
+            raise
+        else:
+            finished = True
+            return result
         finally:
-            _release_held(request, self.name)
+            settings = _get_settings(self.app)
+            done = (settings.done_ttl, self._copies_may_exist(request)) if finished else None
+            _release_held(request, self.name, done)
+
+    def _acquire(self, call: _Call) -> Lease | None:
+        """Eager mode and direct calls: no queue to wait in, so QUEUE waits in-process, up to
+        the TTL. Returns None for a skipped duplicate."""
+        options = call.options
+        wait = options.mode is LockMode.QUEUE
+        try:
+            lease = call.manager.acquire(
+                call.key,
+                ttl=options.ttl,
+                mode=LockMode.QUEUE if wait else LockMode.EXECUTION,
+                task_id=call.request.id,
+                task_name=self.name,
+            )
+        except LockBackendUnavailable as exc:
+            raise self._unavailable(call, exc) from exc
+        if lease is None:
+            self._duplicate(
+                call, _holder_task_id(call.manager, call.key), "timeout" if wait else None
+            )
+        return lease
+
+    def _claim(self, call: _Call) -> Lease | None:
+        """In a worker: claim the key for this job (task id). Returns the lease, None for a
+        skipped duplicate; raises ``Ignore`` for a copy that waits or is dropped."""
+        request, options, manager = call.request, call.options, call.manager
+        task_id: str = request.id or ""
+        done_ttl = _get_settings(self.app).done_ttl
+        try:
+            claim: Claim = manager.claim(
+                call.key, task_id=task_id, ttl=options.ttl, task_name=self.name, done_ttl=done_ttl
+            )
+            if claim.outcome == "held" and (
+                options.mode is LockMode.QUEUE or claim.holder_task_id == task_id
+            ):
+                # Wait in line: the key's release publishes this payload (its wake-up).
+                claim = manager.claim(
+                    call.key,
+                    task_id=task_id,
+                    ttl=options.ttl,
+                    task_name=self.name,
+                    waiter=_wakeup.encode(self, self._copy(call, None)),
+                    done_ttl=done_ttl,
+                )
+        except LockBackendUnavailable as exc:
+            # Fail closed (lock_fallback=None): a QUEUE call waits its turn through the broker;
+            # an EXECUTION call fails.
+            if options.mode is LockMode.QUEUE:
+                self._requeue(call, None)
+            raise self._unavailable(call, exc) from exc
+        if claim.outcome == "granted":
+            return claim.lease
+        if claim.outcome == "finished":
+            self._drop(call, "it already ran to completion")
+        holder = claim.holder_task_id
+        if options.mode is LockMode.QUEUE or holder == task_id:
+            self._requeue(call, holder)
+        self._duplicate(call, holder, None)
+        return None
 
     def retry(
         self,
@@ -282,19 +323,16 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         request = self.request
         limit = self.max_retries if max_retries is None else max_retries
         if not request.called_directly and (limit is None or request.retries + 1 <= limit):
-            _release_held(request, self.name)
+            _release_held(request, self.name, None)
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     # ------------------------------------------------------------------ duplicates
 
-    def _duplicate(self, call: _Call, in_worker: bool) -> None:
-        holder = _holder_task_id(call.manager, call.key)
-        if call.options.mode is LockMode.QUEUE:
-            if in_worker:
-                self._requeue(call, holder)
-            action = "timeout"
-        else:
-            action = call.options.on_duplicate
+    def _duplicate(self, call: _Call, holder: str | None, action: str | None) -> None:
+        """A call that does not run because another holds the key: skip (return), fail or
+        ignore (raise) per ``lock_on_duplicate``, or ``action`` ("timeout": an eager QUEUE
+        call gave up)."""
+        action = action or call.options.on_duplicate
         request = call.request
         logger.info(
             "%s[%s] not run: lock %s is held by task %s (%s)",
@@ -321,17 +359,28 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
             holder_task_id=holder,
         )
 
+    def _drop(self, call: _Call, why: str) -> NoReturn:
+        """A copy of a job that must not run: acknowledged, nothing stored, no links run."""
+        request = call.request
+        logger.info(
+            "%s[%s] dropped: %s (a redelivered or re-queued copy)",
+            self.name,
+            request.id,
+            why,
+            extra=self._extra(request, call.key, call.manager.backend, None),
+        )
+        raise Ignore(f"{request.id}: {why}")
+
     def _requeue(self, call: _Call, holder: str | None) -> NoReturn:
-        """Re-publish this call to run later and acknowledge the current delivery (``Ignore``).
+        """Publish this call's safety-net copy and acknowledge the current delivery (``Ignore``).
 
         :raises LockNotAcquired: ``lock_max_requeues`` re-queues were used up.
         """
         request, key, cap = call.request, call.key, call.options.max_requeues
-        headers = dict(request.headers or {})
-        requeues = headers.get(REQUEUES_HEADER, 0)
-        if isinstance(requeues, bool) or not isinstance(requeues, int) or requeues < 0:
-            requeues = 0  # a producer's junk header must not break the task
-        if cap is not None and requeues >= cap:
+        requeues = _requeues(request)
+        own = holder is not None and holder == request.id
+        if cap is not None and requeues >= cap and not own:
+            call.manager.remove_waiter(key, request.id or "")
             raise LockNotAcquired(
                 f"task {self.name!r}: lock {key!r} is still held by task {holder} after "
                 f"{requeues} re-queues (lock_max_requeues={cap})",
@@ -343,16 +392,12 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
             )
         settings: LockSettings = _get_settings(self.app)
         countdown = requeue_countdown(call.options.countdown, requeues, settings.visibility_timeout)
-        headers[REQUEUES_HEADER] = requeues + 1
-        # signature_from_request keeps the task id, routing (queue, priority), links, chain and
-        # chord, expires and time limits, and `retries` unchanged: max_retries is not consumed.
-        self.signature_from_request(
-            request, tuple(call.args), dict(call.kwargs), countdown=countdown, headers=headers
-        ).apply_async()
+        self._copy(call, countdown).apply_async(**_wakeup.BYPASS)
         logger.info(
-            "%s[%s] re-queued (%d) to run in %.2f s: lock %s is held by task %s",
+            "%s[%s] %s (%d); safety-net copy in %.2f s: lock %s is held by task %s",
             self.name,
             request.id,
+            "waits for its own earlier delivery" if own else "waits in line",
             requeues + 1,
             countdown,
             key,
@@ -375,6 +420,53 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
             countdown=countdown,
         )
         raise Ignore(f"re-queued: lock {key!r} is held")
+
+    def _copy(self, call: _Call, countdown: float | None) -> Any:
+        """This call's message again (a signature): same task id, routing (queue, priority),
+        links, chain and chord, expires, time limits and ``retries`` (``max_retries`` is not
+        consumed), with the re-queue header counted up."""
+        request = call.request
+        headers = dict(request.headers or {})
+        headers[REQUEUES_HEADER] = _requeues(request) + 1
+        return self.signature_from_request(
+            request, tuple(call.args), dict(call.kwargs), countdown=countdown, headers=headers
+        )
+
+    def _copies_may_exist(self, request: Context) -> bool:
+        """Whether other copies of this job may still arrive after it ran (then a finished
+        marker is kept): it was re-queued, redelivered, or is acknowledged late."""
+        delivery = request.delivery_info or {}
+        return bool(
+            _requeues(request)
+            or delivery.get("redelivered")
+            or getattr(request, "acks_late", False)
+            or self.acks_late
+        )
+
+    def _took(self, call: _Call, lease: Lease, waited: float) -> None:
+        request = call.request
+        wait_ms = round(waited * 1000, 3)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s[%s] took lock %s (fence %d)",
+                self.name,
+                request.id,
+                call.key,
+                lease.fence,
+                extra=self._extra(request, call.key, lease.backend, lease.fence, wait_ms=wait_ms),
+            )
+        lock_acquired.send(
+            sender=self, task_id=request.id, key=call.key, lease=lease, wait_ms=wait_ms
+        )
+
+    def _unavailable(self, call: _Call, exc: LockBackendUnavailable) -> LockBackendUnavailable:
+        return LockBackendUnavailable(
+            f"task {self.name!r}: cannot take lock {call.key!r}: {exc}",
+            key=call.key,
+            backend=exc.backend,
+            task_name=self.name,
+            task_id=call.request.id,
+        )
 
     # ------------------------------------------------------------------ helpers
 
@@ -428,6 +520,7 @@ class _Call(NamedTuple):
 def _signature_target(cls: type[LockedTask]) -> Callable[..., Any]:
     """What the call arguments bind to: ``run`` without the task itself when it is a method."""
     raw = inspect.getattr_static(cls, "run")
+    raw = getattr(raw, _ORIGINAL, raw)
     if isinstance(raw, staticmethod):
         return raw.__func__
     if isinstance(raw, types.FunctionType):
@@ -445,19 +538,25 @@ def _holder_task_id(manager: LockManager, key: str) -> str | None:
     return info.task_id if info is not None else None
 
 
-def _release_held(request: Context, task_name: str) -> None:
-    """Release the lease recorded on ``request`` (once); never raises into the task's outcome."""
+def _release_held(request: Context, task_name: str, done: tuple[float, bool] | None) -> None:
+    """Release the lease recorded on ``request`` (once); never raises into the task's outcome.
+
+    ``done``: the job ran to completion: ``(done_ttl, mark)`` for :meth:`LockManager.finish`.
+    """
     held = getattr(request, _HELD, None)
     if held is None:
         return
     setattr(request, _HELD, None)
     request.lock_lease = None  # type: ignore[attr-defined]
-    manager, lease, handle = held
+    manager, lease, handle, _ = held
     if handle is not None:
         handle.cancel()
         lease = handle.lease
     try:
-        manager.release(lease)
+        if done is None:
+            manager.release(lease)
+        else:
+            manager.finish(lease, done_ttl=done[0], mark=done[1])
     except Exception as exc:  # noqa: BLE001 - the task's own result or error must stand
         logger.warning(
             "%s[%s] could not release lock %s (it ends with its TTL): %r",
@@ -469,121 +568,26 @@ def _release_held(request: Context, task_name: str) -> None:
         )
 
 
-# ---------------------------------------------------------------------------- worker parent
+def _requeues(request: Context) -> int:
+    """How often this call was re-queued (its header; a producer's junk counts as 0)."""
+    requeues = (request.headers or {}).get(REQUEUES_HEADER, 0)
+    if isinstance(requeues, bool) or not isinstance(requeues, int) or requeues < 0:
+        return 0
+    return requeues
 
 
-def _break(
-    task: object,
-    task_id: object,
-    args: Sequence[Any] | None,
-    kwargs: Mapping[str, Any] | None,
-    why: str,
-) -> None:
-    """In the worker's main process: delete the lock a dead child held for ``task_id``.
-
-    The parent sees the same deserialised message as the child did, so the key it computes is
-    the child's; the delete is compare-and-delete on the holder entry recorded with that task
-    id, so a lock re-acquired by anyone else meanwhile is left alone.
-    """
-    if not isinstance(task, LockedTask) or not isinstance(task_id, str):
+def _wrap_run(cls: type[LockedTask]) -> None:
+    """Make the task's ``run`` take the lock (once per class; the original is kept on it)."""
+    raw = inspect.getattr_static(cls, "run")
+    if getattr(raw, _ORIGINAL, None) is not None:
         return
-    options = task._lock_options
-    if options is None:
-        return
-    try:
-        key = options.keys.key(args or (), kwargs or {})
-        broken = get_manager(task.app).break_lock(key, task_id=task_id)
-    except (LockError, TypeError, ValueError) as exc:
-        logger.warning(
-            "could not release the lock of %s[%s] after it %s: %r",
-            task.name,
-            task_id,
-            why,
-            exc,
-            extra={"task_id": task_id, "task_name": task.name},
-        )
-        return
-    if broken:
-        logger.info(
-            "released lock %s of %s[%s]: it %s",
-            key,
-            task.name,
-            task_id,
-            why,
-            extra={"lock_key": key, "task_id": task_id, "task_name": task.name},
-        )
+    original = raw.__func__ if isinstance(raw, staticmethod) else raw
+    bound = not isinstance(raw, staticmethod)
 
+    @functools.wraps(original)
+    def run(self: LockedTask, *args: Any, **kwargs: Any) -> Any:
+        body = types.MethodType(original, self) if bound else original
+        return self._locked(args, kwargs, body)
 
-def _on_task_failure(
-    sender: object = None,
-    task_id: object = None,
-    exception: object = None,
-    args: Sequence[Any] | None = None,
-    kwargs: Mapping[str, Any] | None = None,
-    **_: object,
-) -> None:
-    # Sent by the main process when a child died under the task (SIGKILL, OOM killer: billiard's
-    # WorkerLostError) or was killed for its hard time limit; the child's finally never ran.
-    if isinstance(exception, WorkerLostError):
-        _break(sender, task_id, args, kwargs, "lost its worker process")
-    elif isinstance(exception, TimeLimitExceeded):
-        _break(sender, task_id, args, kwargs, "exceeded its hard time limit")
-
-
-def _on_task_revoked(
-    sender: object = None,
-    request: Context | None = None,
-    terminated: bool = False,
-    signum: object = None,
-    **_: object,
-) -> None:
-    if not terminated or request is None:
-        return
-    try:
-        # An int from Request.terminate(); billiard reports a terminated job as "-<signum>".
-        killing = abs(int(signum)) in _KILLING_SIGNALS  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        killing = False
-    if killing:
-        _break(sender, request.id, request.args, request.kwargs, "was revoked and terminated")
-
-
-# ---------------------------------------------------------------------------- install
-
-_installed_apps: weakref.WeakSet[Celery] = weakref.WeakSet()
-_install_mutex = threading.Lock()
-
-
-def install(app: Celery) -> None:
-    """Wire celery_lock into ``app``: worker signal handlers, the ``celery_lock.cleanup`` task
-    and (after ``app.finalize()``) its beat entry. Idempotent; binding a :class:`LockedTask` to
-    an app calls it, so most apps never need to.
-
-    The handlers are connected once per process (``dispatch_uid``) and act only for locked
-    tasks of installed apps; they hold no reference to any app.
-    """
-    with _install_mutex:
-        if app in _installed_apps:
-            return
-        _installed_apps.add(app)
-    celery_signals.task_failure.connect(
-        _on_task_failure, weak=False, dispatch_uid="celery_lock.task_failure"
-    )
-    celery_signals.task_revoked.connect(
-        _on_task_revoked, weak=False, dispatch_uid="celery_lock.task_revoked"
-    )
-    # Sent once the worker's logging is set up (worker_init comes before it: a warning sent
-    # then would reach no handler of the worker's).
-    celery_signals.celeryd_after_setup.connect(
-        _on_worker_setup, weak=False, dispatch_uid="celery_lock.worker_setup"
-    )
-    register_cleanup(app)
-
-
-def _on_worker_setup(instance: object = None, **_: object) -> None:
-    # Once per worker start, in its main process: host-local locks are a silent hazard.
-    app = getattr(instance, "app", None)
-    if app is not None and app in _installed_apps:
-        # Invalid settings: the tasks report them, with their names, when they bind.
-        with contextlib.suppress(TypeError, ValueError):
-            warn_if_host_local(app)
+    setattr(run, _ORIGINAL, raw)
+    cls.run = run  # type: ignore[method-assign,assignment]

@@ -67,7 +67,7 @@ def test_library_defaults(make_app: Any) -> None:
     assert settings.default_on_duplicate == "skip"
     assert settings.default_renew is True
     assert settings.default_max_requeues is None
-    assert settings.default_countdown == 1.0
+    assert settings.default_countdown == 30.0
     assert settings.visibility_timeout == 3600.0
 
 

@@ -1,9 +1,13 @@
 """The Redis backend's Lua scripts: one round trip per lock operation, run by EVALSHA.
 
-A lock key holds ``"<token> <fence> <json-metadata>"`` while held, and for 30 s after a release
-a tombstone ``"~<token> <release id>"`` that every script treats as free. Scripts compare the
-token by prefix: a token never contains a space, so ``"<token> "`` cannot match another holder's
-value. Each script's header says what it takes (KEYS, ARGV) and returns.
+A lock key holds ``"<token> <fence> <json-metadata>"`` while held, for 30 s after a release
+a tombstone ``"~<token> <release id>"`` that every script treats as free, and while a release has
+handed it to a waiting job a reservation ``"@<release id> <token> <task id>"`` (held for everyone
+but that task id; ``-`` for the first two fields when a break handed it over). Jobs (``CLAIM``)
+also use, under the same hash tag: ``:line`` (list of waiting task ids, first in line first),
+``:wake-ups`` (hash task id -> the waiter's payload) and ``:done:<task id>`` (a finished job).
+Scripts compare the token by prefix: a token never contains a space, so ``"<token> "`` cannot
+match another holder's value. Each script's header says what it takes (KEYS, ARGV) and returns.
 
 Requires Redis >= 5 (script effects replication: the acquire script writes after TIME).
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from typing import Final, NamedTuple
 
-__all__ = ["ACQUIRE", "BREAK", "EXTEND", "INSPECT", "RELEASE", "Lua"]
+__all__ = ["ACQUIRE", "BREAK", "CLAIM", "EXTEND", "INSPECT", "RELEASE", "REMOVE_WAITER", "Lua"]
 
 
 class Lua(NamedTuple):
@@ -28,14 +32,62 @@ def _lua(source: str) -> Lua:
     return Lua(source, hashlib.sha1(source.encode("ascii"), usedforsecurity=False).hexdigest())
 
 
+#: Lua: give the key to the first waiter that has a payload (reserve it) and return
+#: ``{task id, payload}``, or nil when nobody waits. ``rest`` is ``"<release id> <token>"``.
+_HAND_OFF = """
+local function hand_off(lock, line, wakeups, rest, reserve_ms)
+  while true do
+    local head = redis.call('LPOP', line)
+    if not head then
+      return nil
+    end
+    local payload = redis.call('HGET', wakeups, head)
+    if payload then
+      redis.call('HDEL', wakeups, head)
+      redis.call('SET', lock, '@' .. rest .. ' ' .. head, 'PX', reserve_ms)
+      return {head, payload}
+    end
+  end
+end
+"""
+
+#: Lua: set the lock to ``"<token> <fence> <meta>"`` with a new fence; returns the fence, or an
+#: error reply (return it as is) for a counter that is not a number in range.
+_GRANT = """
+local function grant(lock, counter, token, meta, ttl_ms, counter_ttl_ms)
+  -- The fence is max(last fence + 1, server clock in microseconds): strictly increasing while
+  -- the counter lives, and never below the clock, so grants a failed master handed out just
+  -- before it died (lost with it: replication is asynchronous) are below every grant made
+  -- after the failover, as long as the nodes' clocks agree to within the failover time. A
+  -- double holds microseconds since the epoch exactly (< 2^53 until the year 2255); '%.0f'
+  -- prints it whole.
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', counter) or '0')
+  if not last or last >= 9007199254740991 then
+    -- Not a number, or past 2^53 where a double cannot count by one: a planted or corrupted
+    -- counter is refused (the store reports an error) rather than silently restarted.
+    return redis.error_reply('ERR celery_lock fence counter is not a number in range')
+  end
+  local fence = string.format('%.0f', math.max(last + 1, now))
+  -- The counter expires with its key's use (arguments make keys unbounded); the clock term
+  -- keeps a fresh counter above the old one's fences.
+  redis.call('SET', counter, fence, 'PX', counter_ttl_ms)
+  redis.call('SET', lock, token .. ' ' .. fence .. ' ' .. meta, 'PX', ttl_ms)
+  return fence
+end
+"""
+
 ACQUIRE: Final = _lua(
-    """
+    _GRANT
+    + """
 -- Acquire, or confirm that we already hold the lock (a retried call after a lost reply).
 -- KEYS[1] lock key, KEYS[2] fence counter (same hash tag)
 -- ARGV[1] token, ARGV[2] holder metadata (JSON), ARGV[3] lease ttl (ms),
 -- ARGV[4] fence counter ttl (ms)
 -- returns {1, fence} acquired; {2, fence} already ours (ttl refreshed);
---         {0, pttl, value} held by someone else (their value carries holder metadata)
+--         {0, pttl, value} held by someone else (their value carries holder metadata; a
+--         reservation for a waiting job counts as held)
 local value = redis.call('GET', KEYS[1])
 -- A value starting with '~' is a released lock's tombstone (see RELEASE): free.
 if value and string.byte(value, 1) ~= 126 then
@@ -45,58 +97,139 @@ if value and string.byte(value, 1) ~= 126 then
   end
   return {0, redis.call('PTTL', KEYS[1]), value}
 end
--- The fence is max(last fence + 1, server clock in microseconds): strictly increasing while
--- the counter lives, and never below the clock, so grants a failed master handed out just
--- before it died (lost with it: replication is asynchronous) are below every grant made after
--- the failover, as long as the nodes' clocks agree to within the failover time. A double holds
--- microseconds since the epoch exactly (< 2^53 until the year 2255); '%.0f' prints it whole.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-if not last or last >= 9007199254740991 then
-  -- Not a number, or past 2^53 where a double cannot count by one: a planted or corrupted
-  -- counter is refused (the store reports an error) rather than silently restarted.
-  return redis.error_reply('ERR celery_lock fence counter is not a number in range')
+local fence = grant(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+if type(fence) == 'table' then
+  return fence
 end
-local fence = string.format('%.0f', math.max(last + 1, now))
--- The counter expires with its key's use (arguments make keys unbounded); the clock term keeps
--- a fresh counter above the old one's fences.
-redis.call('SET', KEYS[2], fence, 'PX', ARGV[4])
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. fence .. ' ' .. ARGV[2], 'PX', ARGV[3])
 return {1, fence}
 """
 )
 
+CLAIM: Final = _lua(
+    _GRANT
+    + """
+-- Claim the lock for a job (a task id): ACQUIRE plus the job's done marker and waiter line.
+-- KEYS[1] lock key, KEYS[2] fence counter, KEYS[3] line, KEYS[4] wake-ups,
+-- KEYS[5] done marker of this task id (all under one hash tag)
+-- ARGV[1] token, ARGV[2] metadata, ARGV[3] ttl (ms), ARGV[4] fence counter ttl (ms),
+-- ARGV[5] task id, ARGV[6] '1' to wait in line when held, ARGV[7] payload, ARGV[8] line ttl (ms)
+-- returns {3} the task id already finished; {1, fence} granted; {2, fence} already ours;
+--         {0, pttl, value} held; {4, pttl, value} held, and the job waits in line
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  return {3}
+end
+local value = redis.call('GET', KEYS[1])
+if value then
+  local first = string.byte(value, 1)
+  if first == 126 then
+    value = false  -- a tombstone: free
+  elseif first == 64 then
+    if string.match(value, '^@%S+ %S+ (.*)$') == ARGV[5] then
+      value = false  -- reserved for this job by a release
+    end
+  elseif string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    return {2, string.match(value, '^%S+ (%d+)')}
+  end
+end
+if value then
+  local pttl = redis.call('PTTL', KEYS[1])
+  if ARGV[6] ~= '1' then
+    return {0, pttl, value}
+  end
+  -- In line once per task id (a later copy replaces the payload, keeping the place).
+  if redis.call('HSET', KEYS[4], ARGV[5], ARGV[7]) == 1 then
+    redis.call('RPUSH', KEYS[3], ARGV[5])
+  end
+  redis.call('PEXPIRE', KEYS[3], ARGV[8])
+  redis.call('PEXPIRE', KEYS[4], ARGV[8])
+  return {4, pttl, value}
+end
+-- Free: granted; the job leaves the line if it was in it (it runs now).
+if redis.call('HDEL', KEYS[4], ARGV[5]) == 1 then
+  redis.call('LREM', KEYS[3], 0, ARGV[5])
+end
+local fence = grant(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+if type(fence) == 'table' then
+  return fence
+end
+return {1, fence}
+"""
+)
+
+#: Lua: give the key to the first waiter that has a payload (reserve it for that task id) and
+#: return ``{task id, payload}``; nil when nobody waits. ``rest`` is ``"<release id> <token>"``.
+_HAND_OFF = """
+local function hand_off(lock, line, wakeups, rest, reserve_ms)
+  while true do
+    local head = redis.call('LPOP', line)
+    if not head then
+      return nil
+    end
+    local payload = redis.call('HGET', wakeups, head)
+    if payload then
+      redis.call('HDEL', wakeups, head)
+      redis.call('SET', lock, '@' .. rest .. ' ' .. head, 'PX', reserve_ms)
+      return {head, payload}
+    end
+  end
+end
+"""
+
 RELEASE: Final = _lua(
-    """
--- Release: end the lock only while it still holds our token, then wake the waiters.
--- Instead of a DEL it leaves a short-lived tombstone '~<token> <release id>' (free for every
--- acquirer and reader). The release id is new for every release call, and a client that re-sends
--- a call after a lost reply re-sends the same one: the re-sent call finds its own tombstone and
--- learns that it succeeded, while a second release of the same lease (another call, through any
--- manager instance) finds a different id and is told the lease no longer held the lock.
--- The tombstone lives 30 s: well above a client's socket timeout times its retries.
--- KEYS[1] lock key; ARGV[1] token, ARGV[2] release id
--- returns 1 released (by this call, or by an earlier attempt of it whose reply was lost),
---         0 not ours (expired, taken over or released by another call: left alone)
+    _HAND_OFF
+    + """
+-- Release: end the lock only while it still holds our token; hand it to the first waiting job
+-- (reserved for it), or leave a short-lived tombstone '~<token> <release id>' (free for every
+-- acquirer and reader) and wake the polling waiters. The release id is new for every release
+-- call, and a client that re-sends a call after a lost reply re-sends the same one: the
+-- re-sent call finds its own tombstone (or reservation) and learns that it succeeded, while a
+-- second release of the same lease (another call, through any manager instance) finds a
+-- different id and is told the lease no longer held the lock. The tombstone lives 30 s: well
+-- above a client's socket timeout times its retries.
+-- KEYS[1] lock key, KEYS[2] line, KEYS[3] wake-ups, KEYS[4] done marker of the finished job
+-- ARGV[1] token, ARGV[2] release id, ARGV[3] task id of a finished job ('' for none),
+-- ARGV[4] done marker ttl (ms), ARGV[5] '1' to mark the job done even with no copy in line,
+-- ARGV[6] reservation ttl (ms)
+-- returns {1} released (by this call, or by an earlier attempt of it whose reply was lost);
+--         {1, task id, payload} released and handed to that waiting job;
+--         {0} not ours (expired, taken over or released by another call: left alone)
 local value = redis.call('GET', KEYS[1])
 if not value then
-  return 0
+  return {0}
 end
 if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
+  if ARGV[3] ~= '' then
+    -- Copies of the finished job waiting in line are dropped, and later ones refused.
+    local copies = redis.call('HDEL', KEYS[3], ARGV[3])
+    if copies == 1 then
+      redis.call('LREM', KEYS[2], 0, ARGV[3])
+    end
+    if copies == 1 or ARGV[5] == '1' then
+      redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
+    end
+  end
+  local turn = hand_off(KEYS[1], KEYS[2], KEYS[3], ARGV[2] .. ' ' .. ARGV[1], ARGV[6])
+  if turn then
+    return {1, turn[1], turn[2]}
+  end
   local set = redis.pcall('SET', KEYS[1], '~' .. ARGV[1] .. ' ' .. ARGV[2], 'PX', 30000)
   if type(set) == 'table' and set.err then
     -- At maxmemory with noeviction a SET is refused, a DEL is not. Releasing matters more
     -- than recognising a re-sent release.
     redis.call('DEL', KEYS[1])
   end
-  redis.call('PUBLISH', KEYS[1] .. ':wake', '1')
-  return 1
+  redis.pcall('PUBLISH', KEYS[1] .. ':wake', '1')
+  return {1}
 end
 if value == '~' .. ARGV[1] .. ' ' .. ARGV[2] then
-  return 1
+  return {1}
 end
-return 0
+local mine = '@' .. ARGV[2] .. ' ' .. ARGV[1] .. ' '
+if string.sub(value, 1, #mine) == mine then
+  return {1}
+end
+return {0}
 """
 )
 
@@ -116,17 +249,48 @@ return 0
 )
 
 BREAK: Final = _lua(
-    """
--- Break: delete a lock judged breakable (dead holder, cleaner, break_lock) only if it still
--- holds exactly the value that was judged, so a successor's lock is never deleted.
--- KEYS[1] lock key; ARGV[1] the exact value read before, ARGV[2] wake-up channel
--- returns 1 deleted (waiters woken), 0 the lock changed meanwhile (left alone)
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], '1')
-  return 1
+    _HAND_OFF
+    + """
+-- Break: end a lock judged breakable (dead holder, cleaner, break_lock) only if it still holds
+-- exactly the value that was judged, so a successor's lock is never deleted; hand it to the
+-- first waiting job, or delete it and wake the polling waiters.
+-- KEYS[1] lock key, KEYS[2] line, KEYS[3] wake-ups; ARGV[1] the exact value read before,
+-- ARGV[2] reservation ttl (ms)
+-- returns {1} broken; {1, task id, payload} broken and handed to that job; {0} the lock
+-- changed meanwhile (left alone)
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {0}
 end
-return 0
+local turn = hand_off(KEYS[1], KEYS[2], KEYS[3], '- -', ARGV[2])
+if turn then
+  return {1, turn[1], turn[2]}
+end
+redis.call('DEL', KEYS[1])
+redis.pcall('PUBLISH', KEYS[1] .. ':wake', '1')
+return {1}
+"""
+)
+
+REMOVE_WAITER: Final = _lua(
+    _HAND_OFF
+    + """
+-- Remove a job from the line (it was revoked); if the key is reserved for it, hand the key to
+-- the next waiting job, or free it.
+-- KEYS[1] lock key, KEYS[2] line, KEYS[3] wake-ups; ARGV[1] task id, ARGV[2] reservation ttl
+-- returns {removed (0/1)} or {1, task id, payload} when the key went to the next job
+local removed = redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+local value = redis.call('GET', KEYS[1])
+if value and string.byte(value, 1) == 64 and string.match(value, '^@%S+ %S+ (.*)$') == ARGV[1] then
+  local turn = hand_off(KEYS[1], KEYS[2], KEYS[3], '- -', ARGV[2])
+  if turn then
+    return {1, turn[1], turn[2]}
+  end
+  redis.call('DEL', KEYS[1])
+  redis.pcall('PUBLISH', KEYS[1] .. ':wake', '1')
+  return {1}
+end
+return {removed}
 """
 )
 

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from celery_lock import _fork
-from celery_lock._base import LockManager, Waiter
-from celery_lock._types import CleanReport, Lease, LockInfo
+from celery_lock._base import HandOff, LockManager, Waiter
+from celery_lock._types import Claim, CleanReport, Lease, LockInfo
 from celery_lock._validate import check_ttl
 from celery_lock.errors import LockBackendUnavailable
 from celery_lock.modes import LockMode
@@ -105,8 +105,11 @@ class HybridLockManager(LockManager):
         self._call = threading.local()
         #: The thread that probes Redis while the circuit is open (None: not started).
         self._prober: threading.Thread | None = None
-        #: Redis leases released while the circuit was open: released by token on recovery.
-        self._unreleased: collections.deque[Lease] = collections.deque(maxlen=4096)
+        #: Redis leases released while the circuit was open, each with how (``_finish``
+        #: arguments, or None for a plain release): released by token on recovery.
+        self._unreleased: collections.deque[tuple[Lease, tuple[float, bool] | None]] = (
+            collections.deque(maxlen=4096)
+        )
         _hybrids.add(self)
 
     @property
@@ -227,9 +230,12 @@ class HybridLockManager(LockManager):
         try:
             redis._inspect(PROBE_KEY)
             while self._unreleased:
-                lease = self._unreleased[0]
-                if lease.expires_at > _time.time():
-                    redis._release(lease)  # by token: a lock that changed hands is left alone
+                lease, finished = self._unreleased[0]
+                # By token: a lock that changed hands is left alone.
+                if finished is not None:
+                    redis._finish(lease, *finished)
+                elif lease.expires_at > _time.time():
+                    redis._release(lease)
                 with contextlib.suppress(IndexError):
                     self._unreleased.popleft()
         except Exception as exc:  # noqa: BLE001 - whatever the store says, probe again later
@@ -328,15 +334,97 @@ class HybridLockManager(LockManager):
             ttl = file.default_ttl
         return file._try_acquire(key, ttl, token, task_id, task_name)
 
-    def _release_shadow(self, lease: Lease) -> None:
+    def _release_shadow(self, lease: Lease, finished: tuple[float, bool] | None = None) -> None:
         """Drop the same-token file lock that stands beside a Redis lease (best effort: a
         leftover shadow only delays same-host contenders until it expires or is cleaned)."""
         if self._file is None:
             return
+        shadow = dataclasses.replace(lease, backend="file")
         try:
-            self._file._release(dataclasses.replace(lease, backend="file"))
+            if finished is None:
+                self._file._release(shadow)
+            else:
+                self._file._finish(shadow, *finished)
         except LockBackendUnavailable as exc:
             self._log.debug("could not release the shadow file lock of %s: %s", lease.key, exc)
+
+    def set_handoff(self, callback: HandOff | None) -> None:
+        super().set_handoff(callback)
+        for manager in (self._redis, self._file):
+            if manager is not None:
+                manager.set_handoff(callback)
+
+    def _claim(
+        self,
+        key: str,
+        ttl: float,
+        token: str,
+        task_id: str,
+        task_name: str | None,
+        waiter: bytes | None,
+        done_ttl: float,
+    ) -> Claim:
+        """Like ``_try_acquire``: the same-host shadow in files, then the claim in Redis.
+
+        A job that finds the shadow held (a same-host holder, or a same-host process on files)
+        waits in the file line and is woken when that file lock ends; one that finds the key
+        held in Redis (a holder on another host) waits in the Redis line. Each line is FIFO.
+        """
+        redis = self._redis_due()
+        file = self._file
+        error: LockBackendUnavailable | None = None
+        if redis is not None:
+            shadow = None
+            if file is not None:
+                try:
+                    in_files = file._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
+                except LockBackendUnavailable as exc:
+                    self._log.debug("shadow file lock for %s failed: %s", key, exc)
+                    file = None
+                else:
+                    if in_files.lease is None:
+                        return in_files  # held (or finished) in files on this host
+                    shadow = in_files.lease
+            try:
+                claim = self._via_redis(
+                    lambda: redis._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
+                )
+            except LockBackendUnavailable as exc:
+                if shadow is not None:
+                    if getattr(self._call, "ttl_defaulted", False) and file is not None:
+                        shadow = file._extend(shadow, file.default_ttl) or shadow
+                    return Claim("granted", shadow)
+                error = exc
+            except BaseException:
+                if shadow is not None:
+                    self._release_shadow(shadow)
+                raise
+            else:
+                if claim.lease is None and shadow is not None:
+                    self._release_shadow(shadow)
+                return claim
+        file = self._need_file(error)
+        return file._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
+
+    def _remove_waiter(self, key: str, task_id: str) -> bool:
+        removed = False
+        redis = self._redis_due()
+        if redis is not None:
+            with contextlib.suppress(LockBackendUnavailable):
+                removed = self._via_redis(lambda: redis._remove_waiter(key, task_id))
+        if self._file is not None:
+            removed = self._file._remove_waiter(key, task_id) or removed
+        return removed
+
+    def _waiting(self, key: str) -> list[str]:
+        ids: list[str] = []
+        redis = self._redis_due()
+        if redis is not None:
+            with contextlib.suppress(LockBackendUnavailable):
+                ids = self._via_redis(lambda: redis._waiting(key))
+        if self._file is not None:
+            ids += [i for i in self._file._waiting(key) if i not in ids]
+        return ids
 
     def _check_lease(self, lease: object) -> None:
         if not isinstance(lease, Lease):
@@ -355,23 +443,37 @@ class HybridLockManager(LockManager):
         return None
 
     def _release(self, lease: Lease) -> bool:
+        return self._end(lease, None)
+
+    def _finish(self, lease: Lease, done_ttl: float, mark: bool) -> bool:
+        return self._end(lease, (done_ttl, mark))
+
+    def _end(self, lease: Lease, finished: tuple[float, bool] | None) -> bool:
+        """Release ``lease`` on its own backend (``finished``: ``_finish``'s arguments)."""
         manager = self._manager_for(lease)
         assert manager is not None
         if lease.backend == "file":
-            return manager._release(lease)
+            if finished is None:
+                return manager._release(lease)
+            return manager._finish(lease, *finished)
         if self._probe_at is not None:
             # Circuit open: not on the caller's path. The probe releases it by token once
             # Redis answers (until then, or if it never does, it ends with its TTL).
-            self._unreleased.append(lease)
+            self._unreleased.append((lease, finished))
             released = False
         else:
             try:
-                released = self._via_redis(lambda: manager._release(lease))
+                if finished is None:
+                    released = self._via_redis(lambda: manager._release(lease))
+                else:
+                    released = self._via_redis(lambda: manager._finish(lease, *finished))
             except LockBackendUnavailable:
                 # Cannot be confirmed released; it ends with its TTL (the caller is not given
                 # an exception: the work is done and nothing else can be saved).
                 released = False
-        self._release_shadow(lease)
+        # The shadow last: its release hands the key to a same-host job waiting in the file
+        # line, whose claim must then find the Redis lock ended too.
+        self._release_shadow(lease, finished)
         return released
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:

@@ -20,7 +20,7 @@ from redis.exceptions import NoScriptError
 
 from celery_lock import _identity
 from celery_lock._base import LockManager, Waiter
-from celery_lock._types import CleanReport, Lease, LockInfo
+from celery_lock._types import Claim, CleanReport, Lease, LockInfo
 from celery_lock.backends import _clients, _durability
 from celery_lock.backends import _redis_scripts as scripts
 from celery_lock.backends._redis_errors import CLIENT_ERRORS as _CLIENT_ERRORS
@@ -269,23 +269,138 @@ class RedisLockManager(LockManager):
             raise self._unavailable(key, exc) from exc
         return reply
 
+    def _claim(
+        self,
+        key: str,
+        ttl: float,
+        token: str,
+        task_id: str,
+        task_name: str | None,
+        waiter: bytes | None,
+        done_ttl: float,
+    ) -> Claim:
+        name = self._name(key)
+        now = _time.time()
+        ttl_ms = math.ceil(ttl * 1000)
+        keys = (name, name + ":fence", name + ":line", name + ":wake-ups", _done(name, task_id))
+        args = (
+            token,
+            self._meta(key, now, ttl, task_id, task_name),
+            ttl_ms,
+            max(ttl_ms * 2, _MIN_FENCE_TTL_MS),
+            task_id,
+            "0" if waiter is None else "1",
+            b"" if waiter is None else waiter,
+            math.ceil(done_ttl * 1000),
+        )
+        if self._orphans:
+            self._reap_orphans()
+        try:
+            reply = self._eval(scripts.CLAIM, 5, *keys, *args)
+        except _CLIENT_ERRORS as exc:
+            # Same token, same task id: a re-sent claim that already ran answers "already ours"
+            # (or "queued" again, which changes nothing).
+            if isinstance(exc, redis.TimeoutError) or not is_connection_error(exc):
+                if isinstance(exc, redis.TimeoutError):
+                    self._orphans.append((name, token))
+                raise self._unavailable(key, exc) from exc
+            try:
+                reply = self._eval(scripts.CLAIM, 5, *keys, *args)
+            except _CLIENT_ERRORS as again:
+                self._orphans.append((name, token))
+                raise self._unavailable(key, again) from again
+        code = int(reply[0])
+        if code == 3:
+            return Claim("finished")
+        if code in (1, 2):
+            lease = Lease(
+                key, token, int(reply[1]), "redis", ttl, now + ttl, now, os.getpid(), task_id
+            )
+            return Claim("granted", self._replicated(lease))
+        holder = _holder_task_id(reply[2])
+        if code == 0 and self._break_if_dead(key, name, reply[2]):
+            return self._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
+        return Claim("queued" if code == 4 else "held", None, holder)
+
+    def _finish(self, lease: Lease, done_ttl: float, mark: bool) -> bool:
+        return self._end(lease, lease.task_id or "", done_ttl, mark)
+
+    def _remove_waiter(self, key: str, task_id: str) -> bool:
+        name = self._name(key)
+        try:
+            reply = self._eval(
+                scripts.REMOVE_WAITER,
+                3,
+                name,
+                name + ":line",
+                name + ":wake-ups",
+                task_id,
+                math.ceil(self.reserve_ttl * 1000),
+            )
+        except _CLIENT_ERRORS as exc:
+            raise self._unavailable(key, exc) from exc
+        self._turn(key, reply)
+        return bool(int(reply[0]))
+
+    def _waiting(self, key: str) -> list[str]:
+        name = self._name(key)
+        try:
+            ids = self._client.lrange(name + ":line", 0, -1)
+        except _CLIENT_ERRORS as exc:
+            raise self._unavailable(key, exc) from exc
+        return [i.decode("utf-8", "replace") if isinstance(i, bytes) else i for i in ids]
+
+    def _turn(self, key: str, reply: list[Any]) -> None:
+        """Hand the key to the job a script reserved it for (``reply[1:3]``), if any."""
+        if len(reply) == 3:
+            task_id = (
+                reply[1].decode("utf-8", "replace") if isinstance(reply[1], bytes) else reply[1]
+            )
+            payload = reply[2] if isinstance(reply[2], bytes) else reply[2].encode("utf-8")
+            self._hand_off(key, task_id, payload)
+
     def _reap_orphans(self) -> None:
         """Delete locks of acquires that raised after the server may have granted them."""
         while self._orphans:
             name, token = self._orphans[0]
             try:
-                self._eval(scripts.RELEASE, 1, name, token, _release_id())
+                reply = self._eval(
+                    scripts.RELEASE,
+                    4,
+                    *_release_keys(name, ""),
+                    token,
+                    _release_id(),
+                    "",
+                    1,
+                    "0",
+                    math.ceil(self.reserve_ttl * 1000),
+                )
             except _CLIENT_ERRORS:
                 return  # still unreachable: try again next time
+            self._turn(_key_of(None, name), reply)
             with contextlib.suppress(IndexError):
                 self._orphans.popleft()
 
     def _release(self, lease: Lease) -> bool:
+        return self._end(lease, "", 0.0, False)
+
+    def _end(self, lease: Lease, finished: str, done_ttl: float, mark: bool) -> bool:
+        """Release ``lease`` (``finished``: the task id of a job whose run completed, or "")."""
         name = self._name(lease.key)
         try:
             # One release id per call: redis-py's own retry of this command (after a lost
             # reply) re-sends the same id and is recognised by the script; any other call is not.
-            released = self._eval(scripts.RELEASE, 1, name, lease.token, _release_id())
+            reply = self._eval(
+                scripts.RELEASE,
+                4,
+                *_release_keys(name, finished),
+                lease.token,
+                _release_id(),
+                finished,
+                max(1, math.ceil(done_ttl * 1000)),
+                "1" if mark else "0",
+                math.ceil(self.reserve_ttl * 1000),
+            )
         except _CLIENT_ERRORS as exc:
             # Whether the server ran the script is unknown. The lease keeps its token, so a
             # later call can still release it if this one never arrived (redis/redis-py#3847,
@@ -294,7 +409,8 @@ class RedisLockManager(LockManager):
         # 1: the server still had our value (or this call's own tombstone: an earlier attempt
         # whose reply was lost), so by its clock, the one that expires keys, the lease was
         # alive. The client's wall clock is not consulted: it may have jumped.
-        return bool(released == 1)
+        self._turn(lease.key, reply)
+        return bool(int(reply[0]) == 1)
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
         now = _time.time()
@@ -319,7 +435,7 @@ class RedisLockManager(LockManager):
         found = self._read(key, self._name(key))
         if found is None:
             return None
-        return self._info(key, _parse(found[0]), found[1], now)
+        return self._info(key, _parse(found[0]), found[1], now, found[0])
 
     def _iter_locks(self) -> Iterator[LockInfo]:
         for name, tag in self._scan():
@@ -328,7 +444,7 @@ class RedisLockManager(LockManager):
             if found is None:
                 continue  # released or expired since SCAN saw it
             parsed = _parse(found[0])
-            yield self._info(_key_of(parsed, tag), parsed, found[1], now)
+            yield self._info(_key_of(parsed, tag), parsed, found[1], now, found[0])
 
     def _break(
         self, key: str, *, task_id: str | None, token_prefix: str | None, only_if_dead: bool
@@ -364,7 +480,9 @@ class RedisLockManager(LockManager):
                 continue  # released or expired since SCAN saw it
             report.scanned += 1
             parsed = _parse(found[0])
-            if parsed is None:
+            if parsed is None and _reserved_for(found[0]) is not None:
+                report.kept += 1  # reserved for a waiting job: it ends by itself
+            elif parsed is None:
                 report.kept += 1
                 report.errors += 1
                 self._log.warning(
@@ -462,11 +580,17 @@ class RedisLockManager(LockManager):
 
     @staticmethod
     def _info(
-        key: str, parsed: tuple[str, int, dict[str, Any]] | None, pttl: int, now: float
+        key: str,
+        parsed: tuple[str, int, dict[str, Any]] | None,
+        pttl: int,
+        now: float,
+        value: bytes | str,
     ) -> LockInfo:
         expires = now + pttl / 1000 if pttl >= 0 else None
         if parsed is None:
-            return LockInfo(key, None, None, "redis", None, None, None, None, None, expires)
+            # A reservation shows the job it is kept for (or nothing, for a foreign value).
+            waiter = _reserved_for(value)
+            return LockInfo(key, None, None, "redis", None, None, waiter, None, None, expires)
         token, fence, meta = parsed
         return LockInfo(
             key=key,
@@ -493,10 +617,19 @@ class RedisLockManager(LockManager):
 
     def _compare_and_delete(self, key: str, name: str, value: bytes | str) -> bool:
         try:
-            deleted: int = self._eval(scripts.BREAK, 1, name, value, name + ":wake")
+            reply = self._eval(
+                scripts.BREAK,
+                3,
+                name,
+                name + ":line",
+                name + ":wake-ups",
+                value,
+                math.ceil(self.reserve_ttl * 1000),
+            )
         except _CLIENT_ERRORS as exc:
             raise self._unavailable(key, exc) from exc
-        return deleted == 1
+        self._turn(key, reply)
+        return bool(int(reply[0]) == 1)
 
     def _log_broken(
         self, message: str, key: str, parsed: tuple[str, int, dict[str, Any]] | None
@@ -566,6 +699,8 @@ def _encodable(key: str) -> bool:
 def _parse(value: bytes | str) -> tuple[str, int, dict[str, Any]] | None:
     """``(token, fence, metadata)`` of a lock value, or None when it is not one of ours."""
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    if text.startswith("@"):
+        return None  # a reservation for a waiting job (see _reserved_for)
     parts = text.split(" ", 2)
     if len(parts) != 3:
         return None
@@ -578,6 +713,32 @@ def _parse(value: bytes | str) -> tuple[str, int, dict[str, Any]] | None:
     except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         return None
     return (token, fence, meta) if isinstance(meta, dict) else None
+
+
+def _reserved_for(value: bytes | str) -> str | None:
+    """The task id a reservation value ``"@<release id> <token> <task id>"`` is for, else None."""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    if not text.startswith("@"):
+        return None
+    parts = text.split(" ", 2)
+    return parts[2] if len(parts) == 3 else None
+
+
+def _holder_task_id(value: bytes | str) -> str | None:
+    """The task id of a lock value's holder, or of the job it is reserved for."""
+    parsed = _parse(value)
+    if parsed is not None:
+        return _opt(parsed[2].get("task_id"), str)  # type: ignore[no-any-return]
+    return _reserved_for(value)
+
+
+def _done(name: str, task_id: str) -> str:
+    """The done marker of a finished job (same hash tag as its lock)."""
+    return f"{name}:done:{task_id}"
+
+
+def _release_keys(name: str, task_id: str) -> tuple[str, str, str, str]:
+    return name, name + ":line", name + ":wake-ups", _done(name, task_id)
 
 
 def _key_of(parsed: tuple[str, int, dict[str, Any]] | None, tag: str) -> str:
