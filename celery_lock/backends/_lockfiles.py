@@ -344,7 +344,9 @@ class LockFiles:
         dry_run: bool,
         hand_on: HandOn | None = None,
     ) -> None:
-        opened = self.open_locked(name, OPEN_READ, fcntl.LOCK_SH if dry_run else fcntl.LOCK_EX)
+        # Writable when a stale lock may be handed on (its record is rewritten in place).
+        flags = OPEN_READ if dry_run or hand_on is None else _lockdir.OPEN_WRITE
+        opened = self.open_locked(name, flags, fcntl.LOCK_SH if dry_run else fcntl.LOCK_EX)
         if opened is None:
             return  # removed between the listing and now
         if isinstance(opened, Foreign):
