@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from celery_lock.backends._filerecord import file_name
+from celery_lock.backends._jobstate import done_name
 from celery_lock.backends.file import FileLockManager
 
 KEY = "job-key"
@@ -158,7 +159,7 @@ def test_done_marker_and_line_expire(manager: FileLockManager, handed: Recorder)
 def test_clean_drops_expired_job_state(manager: FileLockManager) -> None:
     lease = held_by(manager, "a")
     assert manager.finish(lease, done_ttl=0.1)
-    assert state_path(manager).exists()
+    assert (manager.directory / done_name(file_name(KEY), "a")).exists()
     time.sleep(0.2)
     manager.clean()
     assert sorted(p.name for p in manager.directory.iterdir() if not p.name.startswith(".")) == []
@@ -255,7 +256,9 @@ def test_a_dead_holder_ends_like_a_release(
 # ------------------------------------------------------------------------ hostile state
 
 
-@pytest.mark.parametrize("kind", ["garbage", "symlink", "hardlink", "fifo", "wrong-key"])
+@pytest.mark.parametrize(
+    "kind", ["garbage", "symlink", "hardlink", "fifo", "wrong-key", "done-link"]
+)
 def test_planted_state_files_are_ignored_and_never_written_through(
     manager: FileLockManager, handed: Recorder, tmp_path: Path, kind: str
 ) -> None:
@@ -270,12 +273,16 @@ def test_planted_state_files_are_ignored_and_never_written_through(
         os.link(victim, path)
     elif kind == "fifo":
         os.mkfifo(path)
+    elif kind == "done-link":
+        (manager.directory / done_name(file_name(KEY), "a")).symlink_to(victim)
     else:
         path.write_text(
-            json.dumps({"v": 1, "key": "other", "line": [], "line_expires": 0, "done": {"a": 9e18}})
+            json.dumps({"v": 1, "key": "other", "line": [["x", ""]], "line_expires": 9e18})
         )
+        done = manager.directory / done_name(file_name(KEY), "a")
+        done.write_text(json.dumps({"v": 1, "key": "other", "task_id": "a", "expires": 9e18}))
     assert manager.waiting(KEY) == []
-    lease = held_by(manager, "a")  # the planted done marker of another key does not count
+    lease = held_by(manager, "a")  # a planted done marker of another key does not count
     assert manager.claim(KEY, task_id="b", waiter=b"B").outcome == "queued"
     assert manager.waiting(KEY) == ["b"]
     assert manager.finish(lease)

@@ -1,14 +1,9 @@
-"""The file backend's job state: a key's waiter line and done markers (``<digest>.jobs``) and
-the reservation a release leaves in the lock file for the waiter whose turn it is.
+"""The file backend's job API: a key's waiter line and done markers (files of :mod:`._jobstate`)
+and the reservation a release leaves in the lock file for the waiter whose turn it is.
 
-Protocol. The state file of a key is changed only under the exclusive flock of the key's lock
-file (the one lock of the key, so a claim decides on the lock and the line in one step), and
-always by atomic replace: the whole new state goes to a private ``O_EXCL`` temp file that is
-then renamed over the name. A reader without the flock (:func:`load` from ``waiting()``) sees
-one whole state, never half of one, and a planted symlink or hard link under the name is
-replaced, never written through. Reads use ``O_NOFOLLOW | O_NONBLOCK`` and accept only a
-regular file with one link, under a size cap; anything else is ignored (WARNING) and replaced by
-the next write.
+Protocol. The state files of a key are changed only under the exclusive flock of the key's lock
+file, the one lock of the key, so a claim decides on the lock, the line and the done marker in
+one step; they are replaced atomically, so ``waiting()`` reads the line without a flock.
 
 A reservation is a lock record (``"reserved": true``) whose holder is the waiter's task id, with
 no pid (it is never "dead") and an expiry of ``reserve_ttl``: plain ``acquire()``,
@@ -20,45 +15,46 @@ one ``stat`` (the done marker).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
-import re
 import secrets
 import stat
 import time as _time
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-from celery_lock._types import Claim, CleanReport
+from celery_lock._types import Claim, CleanReport, Lease
 from celery_lock.backends import _filerecord
 from celery_lock.backends._filerecord import file_name
-from celery_lock.backends._lockdir import OPEN_CREATE, OPEN_READ, list_names, unlock_close
+from celery_lock.backends._jobstate import (
+    DONE_NAME,
+    JOBS_NAME,
+    TMP_NAME,
+    State,
+    done_until,
+    is_done,
+    load,
+    mark_done,
+    read,
+    state_name,
+    store,
+)
+from celery_lock.backends._lockdir import OPEN_CREATE, OPEN_WRITE, list_names, unlock_close
 from celery_lock.backends._lockfiles import CORRUPT_GRACE, REOPEN_TRIES, Entry, Foreign
 from celery_lock.errors import LockError
 
 if TYPE_CHECKING:
     from celery_lock.backends.file import FileLockManager
 
-__all__ = ["LINE", "RESERVED", "State", "Turn", "claim", "clean", "finish", "load", "succeed"]
+__all__ = ["LINE", "RESERVED", "Turn", "claim", "clean", "finish", "remove_waiter", "succeed"]
+
+_log = logging.getLogger("celery_lock.file")
 
 #: Flag in a holder's or reservation's record: somebody queued behind it.
 LINE: Final = "w"
 #: Flag of a reservation record.
 RESERVED: Final = "reserved"
-_JOBS_NAME: Final = re.compile(r"[0-9a-f]{40}\.jobs\Z")
-_TMP_NAME: Final = re.compile(r"[0-9a-f]{40}\.jobs\.[0-9a-f]{16}\.tmp\Z")
-#: Read cap: payloads are Celery messages (kilobytes); a planted huge file is not slurped.
-MAX_STATE_BYTES: Final = 16 * 1024 * 1024
-_TMP_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-_log = logging.getLogger("celery_lock.file")
-#: (name, inode, mtime) of state files already warned about (bounded).
-_warned: set[tuple[str, int, int]] = set()
 
 
 class Turn(NamedTuple):
@@ -67,150 +63,6 @@ class Turn(NamedTuple):
     key: str
     task_id: str
     payload: bytes
-
-
-class State:
-    """One key's job state: the line (task id -> payload, in order), when the line expires,
-    and done markers (task id -> expiry, wall clock)."""
-
-    __slots__ = ("changed", "done", "key", "line", "line_expires")
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.line: dict[str, bytes] = {}  # a dict keeps order; re-setting keeps the position
-        self.line_expires = 0.0
-        self.done: dict[str, float] = {}
-        self.changed = False
-
-    def prune(self, now: float) -> None:
-        if self.line and self.line_expires <= now:
-            self.line.clear()
-            self.changed = True
-        for task_id in [t for t, expires in self.done.items() if expires <= now]:
-            del self.done[task_id]
-            self.changed = True
-
-    def drop(self, task_id: str) -> bool:
-        if self.line.pop(task_id, None) is None:
-            return False
-        self.changed = True
-        return True
-
-    def pop(self) -> tuple[str, bytes] | None:
-        for task_id in self.line:
-            self.changed = True
-            return task_id, self.line.pop(task_id)
-        return None
-
-    def encode(self) -> bytes:
-        line = [[t, base64.b64encode(p).decode("ascii")] for t, p in self.line.items()]
-        body = {"v": 1, "key": self.key, "line": line, "line_expires": self.line_expires}
-        return _encode({**body, "done": self.done}).encode("ascii")
-
-
-def _decode(data: bytes, key: str | None) -> State | None:
-    try:
-        raw = json.loads(data.decode("utf-8"))
-        if not isinstance(raw, dict) or not isinstance(raw.get("key"), str):
-            return None
-        if key is not None and raw["key"] != key:
-            return None
-        state = State(raw["key"])
-        expires, line, done = raw.get("line_expires"), raw.get("line"), raw.get("done")
-        if not _filerecord.is_time(expires) or not isinstance(line, list):
-            return None
-        if not isinstance(done, dict):
-            return None
-        state.line_expires = float(expires)
-        for item in line:
-            if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
-                return None
-            state.line[item[0]] = base64.b64decode(item[1], validate=True)
-        for task_id, when in done.items():
-            if not _filerecord.is_time(when):
-                return None
-            state.done[task_id] = float(when)
-    except (ValueError, TypeError, RecursionError, binascii.Error):
-        return None
-    return state
-
-
-def state_name(lock_name: str) -> str:
-    """The state file of the lock file ``lock_name`` (same digest)."""
-    return lock_name[:-5] + ".jobs"
-
-
-def _read(dir_fd: int, name: str, key: str | None) -> State | str | None:
-    """The state under ``name``: None when absent, a problem (str) when unusable."""
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)  # the common case: none
-        fd = os.open(name, OPEN_READ, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EOPNOTSUPP, errno.EACCES):
-            return f"cannot be opened: {exc.strerror}"
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            return "not a regular file with one link"
-        if st.st_size > MAX_STATE_BYTES:
-            return f"larger than {MAX_STATE_BYTES} bytes"
-        data = os.pread(fd, st.st_size, 0)
-    finally:
-        os.close(fd)
-    state = _decode(data, key)
-    return "not valid job state" if state is None else state
-
-
-def load(dir_fd: int, name: str, key: str, now: float) -> State | None:
-    """The live job state of ``key`` (file ``name``), or None when there is none or it is
-    unusable (then logged once and left for the next write to replace)."""
-    got = _read(dir_fd, name, key)
-    if isinstance(got, str):
-        _warn(dir_fd, name, got)
-        return None
-    if got is not None:
-        got.prune(now)
-    return got
-
-
-def _warn(dir_fd: int, name: str, problem: str) -> None:
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except OSError:
-        return
-    marker = (name, st.st_ino, st.st_mtime_ns)
-    if marker in _warned:
-        return
-    if len(_warned) >= 1024:
-        _warned.clear()
-    _warned.add(marker)
-    _log.warning("ignored job state file %s (%s)", name, problem, extra={"backend": "file"})
-
-
-def store(dir_fd: int, name: str, state: State) -> None:
-    """Replace the state file ``name`` with ``state`` (removed when empty); under the lock
-    file's exclusive flock."""
-    if not state.line and not state.done:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dir_fd)
-        return
-    tmp = f"{name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, _TMP_FLAGS, 0o600, dir_fd=dir_fd)
-    try:
-        try:
-            data = state.encode()
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write of a job state file", tmp)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
 
 
 def reservation(
@@ -284,8 +136,8 @@ def claim(
                 if files.make_room(name, opened, key, _time.time()):
                     continue
                 # Not a lock file (for 2 s): no record to flag, so nobody queues behind it.
-                state = load(files.dir_fd, state_name(name), key, _time.time())
-                return Claim("finished" if state and task_id in state.done else "held")
+                done = is_done(files.dir_fd, name, key, task_id, _time.time())
+                return Claim("finished" if done else "held")
             assert opened is not None  # O_CREAT: never None
             fd, st = opened
             try:
@@ -324,11 +176,12 @@ def _claim_locked(
     files, size = manager._files, st.st_size
     data = _filerecord.read(fd, size)
     now, now_bt = _time.time(), manager._boottime()
-    state = load(files.dir_fd, state_name(name), key, now)
-    if state is not None and task_id in state.done:
+    if is_done(files.dir_fd, name, key, task_id, now):
         return Claim("finished"), None
     record = _filerecord.parse(data) if data else 0
     meta: dict[str, Any] | None = record if type(record) is dict else None
+    # Only a flagged record has a line behind it: an uncontended claim reads no line file.
+    state = load(files.dir_fd, state_name(name), key, now) if meta and LINE in meta else None
     reason = holder = turn = None
     blocked = False
     if type(record) is int:
@@ -358,7 +211,7 @@ def _claim_locked(
         if waiter is None or meta is None:
             return Claim("held", None, holder), turn
         if state is None:
-            state = State(key)
+            state = load(files.dir_fd, state_name(name), key, now) or State(key)
         state.line[task_id] = waiter
         state.line_expires = now + done_ttl
         store(files.dir_fd, state_name(name), state)
@@ -377,14 +230,15 @@ def _claim_locked(
     return Claim("granted", lease), None
 
 
-def finish(manager: FileLockManager, lease: Any, done_ttl: float, mark: bool) -> bool:
+def finish(manager: FileLockManager, lease: Lease, done_ttl: float, mark: bool) -> bool:
     """``FileLockManager._finish``: release as ``_release``; mark the job done; hand off."""
     key, task_id = lease.key, lease.task_id
+    assert task_id is not None  # LockManager.finish releases a lease without one
     name = file_name(key)
     files = manager._files
     turn = None
     try:
-        opened = files.open_locked(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        opened = files.open_locked(name, OPEN_WRITE)
         if opened is None or isinstance(opened, Foreign):
             return False
         fd, st = opened
@@ -394,13 +248,10 @@ def finish(manager: FileLockManager, lease: Any, done_ttl: float, mark: bool) ->
                 return False
             now = _time.time()
             alive = _filerecord.remaining(meta, now, manager._boottime()) > 0
-            state = None
-            if mark or meta.get(LINE):
-                state = load(files.dir_fd, state_name(name), key, now) or State(key)
-                # Copies of this job in the line are done too: they leave it.
-                if state.drop(task_id) or mark:
-                    state.done[task_id] = now + done_ttl
-                    state.changed = True
+            state = load(files.dir_fd, state_name(name), key, now) if LINE in meta else None
+            # Copies of this job in the line are done too: they leave it.
+            if (state is not None and state.drop(task_id)) or mark:
+                mark_done(files.dir_fd, name, key, task_id, now + done_ttl)
             old = (data, st.st_size)
             if state is not None:
                 turn = succeed(manager, fd, name, key, meta["fence"], old, state)
@@ -470,41 +321,59 @@ def waiting(manager: FileLockManager, key: str) -> list[str]:
 
 
 def clean(manager: FileLockManager, now: float, *, dry_run: bool) -> CleanReport:
-    """Drop expired lines and done markers, unusable state files older than the grace, and
-    temp files left by a writer that died; counts only errors (state files are no locks)."""
-    report = CleanReport()
+    """``FileLockManager.clean``: the lock files (a stale holder with waiters is handed on,
+    not removed), then the state files: expired lines and done markers, unusable state files
+    older than the grace and temp files of a writer that died (not counted: no locks)."""
+    turns: list[Turn] = []
+
+    def hand_on(fd: int, entry: Entry) -> bool:
+        meta = entry.meta
+        if meta is None or LINE not in meta:
+            return False
+        old = (_filerecord.read(fd, entry.st.st_size), entry.st.st_size)
+        turn = succeed(manager, fd, entry.name, meta["key"], meta["fence"], old)
+        if turn is not None:
+            turns.append(turn)
+        return turn is not None
+
     files = manager._files
+    report = files.clean(manager._stale_reason, now, dry_run=dry_run, hand_on=hand_on)
     try:
         names = list_names(files.dir_fd)
     except OSError:
+        names = []
         report.errors += 1
-        return report
     for name in names:
         try:
-            if _TMP_NAME.match(name):
+            if TMP_NAME.match(name):
                 st = os.stat(name, dir_fd=files.dir_fd, follow_symlinks=False)
                 if abs(now - st.st_mtime) > CORRUPT_GRACE and not dry_run:
                     os.unlink(name, dir_fd=files.dir_fd)
-            elif _JOBS_NAME.match(name) and not dry_run:
+            elif (JOBS_NAME.match(name) or DONE_NAME.match(name)) and not dry_run:
                 _clean_state(manager, name, now)
         except FileNotFoundError:
             continue
         except (OSError, LockError) as exc:
             report.errors += 1
             _log.warning("could not clean %s: %s", name, exc, extra={"backend": "file"})
+    for turn in turns:  # after every flock is gone
+        manager._hand_off(*turn)
     return report
 
 
 def _clean_state(manager: FileLockManager, name: str, now: float) -> None:
     files = manager._files
-    lock_name = name[:-5] + ".lock"
+    lock_name = name[:40] + ".lock"
     opened = files.open_locked(lock_name, OPEN_CREATE, fcntl.LOCK_EX)
     if isinstance(opened, Foreign) or opened is None:
         return
     fd, st = opened
     try:
-        got = _read(files.dir_fd, name, None)
-        if isinstance(got, str):
+        got = read(files.dir_fd, name, None) if name.endswith(".jobs") else None
+        until = done_until(files.dir_fd, name, None, None) if got is None else None
+        if isinstance(until, float) and until <= now:
+            os.unlink(name, dir_fd=files.dir_fd)
+        elif isinstance(got, str) or isinstance(until, str):
             entry = os.stat(name, dir_fd=files.dir_fd, follow_symlinks=False)
             if abs(now - entry.st_mtime) > CORRUPT_GRACE and not stat.S_ISDIR(entry.st_mode):
                 os.unlink(name, dir_fd=files.dir_fd)

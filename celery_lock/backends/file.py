@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from celery_lock import _identity
 from celery_lock._base import LockManager, Waiter
-from celery_lock._types import Claim, CleanReport, Lease, LockInfo
+from celery_lock._types import CleanReport, Lease, LockInfo
 from celery_lock.backends import _filejobs, _filerecord, _lockdir, _lockfiles
 from celery_lock.backends._filejobs import LINE, RESERVED, Turn
 from celery_lock.backends._filerecord import FENCE_LIMIT, MAX_BYTES, file_name, is_time
@@ -249,28 +249,11 @@ class FileLockManager(LockManager):
         else:
             self._hand_off(*turn)
 
-    # ------------------------------------------------------------------ jobs (_filejobs)
-
-    def _claim(
-        self,
-        key: str,
-        ttl: float,
-        token: str,
-        task_id: str,
-        task_name: str | None,
-        waiter: bytes | None,
-        done_ttl: float,
-    ) -> Claim:
-        return _filejobs.claim(self, key, ttl, token, task_id, task_name, waiter, done_ttl)
-
-    def _finish(self, lease: Lease, done_ttl: float, mark: bool) -> bool:
-        return _filejobs.finish(self, lease, done_ttl, mark)
-
-    def _remove_waiter(self, key: str, task_id: str) -> bool:
-        return _filejobs.remove_waiter(self, key, task_id)
-
-    def _waiting(self, key: str) -> list[str]:
-        return _filejobs.waiting(self, key)
+    # The job API (waiter line, done markers, reservations) lives in _filejobs.
+    _claim = _filejobs.claim
+    _finish = _filejobs.finish
+    _remove_waiter = _filejobs.remove_waiter
+    _waiting = _filejobs.waiting
 
     @staticmethod
     def _boottime() -> float | None:
@@ -404,25 +387,7 @@ class FileLockManager(LockManager):
 
         :param dry_run: count what would be removed, delete nothing.
         """
-        now = _time.time()
-        turns: list[Turn] = []
-
-        def hand_on(fd: int, entry: Entry) -> bool:
-            # A stale holder with waiters behind it: the first waiter gets the key.
-            meta = entry.meta
-            if meta is None or LINE not in meta:
-                return False
-            old = (_filerecord.read(fd, entry.st.st_size), entry.st.st_size)
-            turn = _filejobs.succeed(self, fd, entry.name, meta["key"], meta["fence"], old)
-            if turn is not None:
-                turns.append(turn)
-            return turn is not None
-
-        report = self._files.clean(self._stale_reason, now, dry_run=dry_run, hand_on=hand_on)
-        report += _filejobs.clean(self, now, dry_run=dry_run)
-        for turn in turns:  # after every flock is gone
-            self._hand_off(*turn)
-        return report
+        return _filejobs.clean(self, _time.time(), dry_run=dry_run)
 
     # ------------------------------------------------------------------ internals
 
