@@ -64,6 +64,9 @@ class Entry(NamedTuple):
 
 #: ``judge(entry)``: why a lock may be removed, or None while it is live (the manager's rules).
 Judge = Callable[[Entry], "str | None"]
+#: ``hand_on(fd, entry)``: a stale lock is about to go; True when the manager gave the key to a
+#: waiter instead (it rewrote the record under our flock: the file stays).
+HandOn = Callable[[int, Entry], bool]
 
 
 def is_stale(st: os.stat_result, now: float) -> bool:
@@ -305,7 +308,9 @@ class LockFiles:
         self.record_fence(name, fence)
         os.unlink(name, dir_fd=self.dir_fd)
 
-    def clean(self, judge: Judge, now: float, *, dry_run: bool) -> CleanReport:
+    def clean(
+        self, judge: Judge, now: float, *, dry_run: bool, hand_on: HandOn | None = None
+    ) -> CleanReport:
         """Remove free lock files, lock files ``judge`` finds stale, and foreign entries older
         than the grace; count them (free files are no locks: not counted)."""
         report = CleanReport()
@@ -321,7 +326,7 @@ class LockFiles:
             if not _filerecord.LOCK_NAME.match(name):
                 continue
             try:
-                self._clean_one(name, judge, now, report, dry_run=dry_run)
+                self._clean_one(name, judge, now, report, dry_run=dry_run, hand_on=hand_on)
             except (OSError, LockError) as exc:
                 report.errors += 1
                 self._log.warning(
@@ -330,9 +335,18 @@ class LockFiles:
         return report
 
     def _clean_one(
-        self, name: str, judge: Judge, now: float, report: CleanReport, *, dry_run: bool
+        self,
+        name: str,
+        judge: Judge,
+        now: float,
+        report: CleanReport,
+        *,
+        dry_run: bool,
+        hand_on: HandOn | None = None,
     ) -> None:
-        opened = self.open_locked(name, OPEN_READ, fcntl.LOCK_SH if dry_run else fcntl.LOCK_EX)
+        # Writable when a stale lock may be handed on (its record is rewritten in place).
+        flags = OPEN_READ if dry_run or hand_on is None else _lockdir.OPEN_WRITE
+        opened = self.open_locked(name, flags, fcntl.LOCK_SH if dry_run else fcntl.LOCK_EX)
         if opened is None:
             return  # removed between the listing and now
         if isinstance(opened, Foreign):
@@ -370,7 +384,8 @@ class LockFiles:
                     return
             elif dry_run:
                 return
-            self._remove(name, entry.fence)
+            if free or hand_on is None or not hand_on(fd, entry):
+                self._remove(name, entry.fence)
         finally:
             unlock_close(fd)
         if free:

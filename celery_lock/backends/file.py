@@ -24,7 +24,8 @@ from typing import Any, Final
 from celery_lock import _identity
 from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
-from celery_lock.backends import _filerecord, _lockdir, _lockfiles
+from celery_lock.backends import _filejobs, _filerecord, _lockdir, _lockfiles
+from celery_lock.backends._filejobs import LINE, RESERVED, Turn
 from celery_lock.backends._filerecord import FENCE_LIMIT, MAX_BYTES, file_name, is_time
 from celery_lock.backends._lockdir import OPEN_CREATE, OPEN_WRITE, unlock_close
 from celery_lock.backends._lockfiles import Entry, Foreign, LockFiles, is_stale
@@ -180,9 +181,13 @@ class FileLockManager(LockManager):
                 assert opened is not None  # O_CREAT: never None
                 fd, st = opened
                 try:
-                    return self._acquire_locked(fd, st, name, key, ttl, token, task_id, task_name)
+                    got = self._acquire_locked(fd, st, name, key, ttl, token, task_id, task_name)
                 finally:
                     unlock_close(fd)
+                if type(got) is Turn:
+                    self._hand_off(*got)  # the dead holder's waiters go first
+                    return None
+                return got  # type: ignore[return-value]
             raise OSError(  # noqa: TRY301 - mapped to LockBackendUnavailable just below
                 errno.EAGAIN, "something keeps reappearing under the lock name", name
             )
@@ -192,35 +197,67 @@ class FileLockManager(LockManager):
             raise self._unavailable(exc, key) from exc
 
     def _release(self, lease: Lease) -> bool:
-        written = self._written.pop(lease.token, None)
         key = lease.key
         name = file_name(key)
+        turn = None
         try:
             opened = self._files.open_locked(name, OPEN_WRITE)
             if opened is None or isinstance(opened, Foreign):
                 return False  # no lock file (or not one we could have written): not ours
             fd, st = opened
             try:
-                data = _filerecord.read(fd, st.st_size)
-                if written is not None and data == written[0]:
-                    meta: Any = written[1]  # exactly what we wrote: ours, unchanged
-                else:
-                    meta = _filerecord.parse(data)
-                    if type(meta) is not dict or meta["token"] != lease.token:
-                        return False
+                meta, data = self._owned_record(fd, st, lease)
+                if meta is None:
+                    return False
                 alive = _filerecord.remaining(meta, _time.time(), _boottime()) > 0
                 # Our record goes even when it expired (nobody took it over, or the token would
-                # differ); only a lease that was still valid reports success.
-                _filerecord.write(fd, _filerecord.free(meta["fence"]), data, st.st_size)
+                # differ); only a lease that was still valid reports success. Somebody queued
+                # behind us ("w"): the key goes to the first waiter instead.
+                old = (data, st.st_size)
+                if LINE in meta:
+                    turn = _filejobs.succeed(self, fd, name, key, meta["fence"], old)
+                if turn is None:
+                    _filerecord.write(fd, _filerecord.free(meta["fence"]), *old)
             finally:
                 unlock_close(fd)
         except LockError:
             raise
         except OSError as exc:
             raise self._unavailable(exc, key) from exc
-        self._lines.released(key)
-        self._freed_now(name)
+        self._after_release(key, name, turn)
         return alive
+
+    def _owned_record(
+        self, fd: int, st: os.stat_result, lease: Lease
+    ) -> tuple[dict[str, Any] | None, bytes]:
+        """The record in ``fd`` (flocked) if it is ``lease``'s (else None), and its bytes."""
+        written = self._written.pop(lease.token, None)
+        data = _filerecord.read(fd, st.st_size)
+        if written is not None and data == written[0]:
+            return written[1], data  # exactly what we wrote: ours, unchanged
+        meta = _filerecord.parse(data)
+        if type(meta) is not dict or meta["token"] != lease.token:
+            return None, data
+        return meta, data
+
+    def _after_release(self, key: str, name: str, turn: Turn | None) -> None:
+        """A holder of ``key`` ended (no flock held now): wake our waiters, hand the key to
+        the waiter whose turn it is, or remember the file as free."""
+        self._lines.released(key)
+        if turn is None:
+            self._freed_now(name)
+        else:
+            self._hand_off(*turn)
+
+    # The job API (waiter line, done markers, reservations) lives in _filejobs.
+    _claim = _filejobs.claim
+    _finish = _filejobs.finish
+    _remove_waiter = _filejobs.remove_waiter
+    _waiting = _filejobs.waiting
+
+    @staticmethod
+    def _boottime() -> float | None:
+        return _boottime()
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
         key = lease.key
@@ -283,6 +320,7 @@ class FileLockManager(LockManager):
         # A condition on the holder (task id, token, death) can only hold for a readable record.
         conditional = task_id is not None or token_prefix is not None or only_if_dead
         name = file_name(key)
+        turn = None
         try:
             opened = self._files.open_locked(name, OPEN_WRITE)
             if opened is None:
@@ -319,7 +357,11 @@ class FileLockManager(LockManager):
                             return False
                         fence = meta["fence"]
                         reason = "holder process is gone" if only_if_dead else "broken on request"
-                    _filerecord.write(fd, _filerecord.free(fence), b"", st.st_size)
+                        if LINE in meta:
+                            old = (_filerecord.read(fd, st.st_size), st.st_size)
+                            turn = _filejobs.succeed(self, fd, name, key, fence, old)
+                    if turn is None:
+                        _filerecord.write(fd, _filerecord.free(fence), b"", st.st_size)
                 finally:
                     unlock_close(fd)
         except LockError:
@@ -332,8 +374,7 @@ class FileLockManager(LockManager):
             reason,
             extra={"lock_key": key, "backend": "file", "fence": meta and meta["fence"]},
         )
-        self._lines.released(key)
-        self._freed_now(name)
+        self._after_release(key, name, turn)
         return True
 
     def clean(self, *, dry_run: bool = False) -> CleanReport:
@@ -346,7 +387,7 @@ class FileLockManager(LockManager):
 
         :param dry_run: count what would be removed, delete nothing.
         """
-        return self._files.clean(self._stale_reason, _time.time(), dry_run=dry_run)
+        return _filejobs.clean(self, _time.time(), dry_run=dry_run)
 
     # ------------------------------------------------------------------ internals
 
@@ -360,11 +401,12 @@ class FileLockManager(LockManager):
         token: str,
         task_id: str | None,
         task_name: str | None,
-    ) -> Lease | None:
+    ) -> Lease | Turn | None:
         size = st.st_size
         data = _filerecord.read(fd, size)
         now, now_bt = _time.time(), _boottime()
         reason = None
+        line = False
         if not size:
             last = self._files.last_fence(name)  # a new file (or one whose creator died at once)
         else:
@@ -398,13 +440,47 @@ class FileLockManager(LockManager):
                 if reason is None:
                     return None
                 last = meta["fence"]
+                if LINE in meta:
+                    if reason != "expired":
+                        # A dead holder ends like a release: its waiters go first.
+                        turn = _filejobs.succeed(self, fd, name, key, last, (data, size))
+                        if turn is not None:
+                            return turn
+                    else:
+                        line = True  # the line only matters at the next release
+        old = (data, size)
+        return self._grant(fd, old, key, last, token, ttl, task_id, task_name, reason, line)
+
+    def _grant(
+        self,
+        fd: int,
+        old: tuple[bytes, int],
+        key: str,
+        last: int,
+        token: str,
+        ttl: float,
+        task_id: str | None,
+        task_name: str | None,
+        reason: str | None,
+        line: bool = False,
+        *,
+        job: bool = False,
+    ) -> Lease:
+        """Write our holder record over ``old`` (flocked, judged takeable) and return the lease.
+
+        :param line: somebody waits in the key's line (the record gets the ``w`` flag).
+        :param job: a claim: the lease carries ``task_id`` and our pid.
+        """
+        now, now_bt = _time.time(), _boottime()
         if last >= FENCE_LIMIT:
             last = 0  # garbage; the clock term keeps the fence sane
         # max(last + 1, clock): strictly increasing per key while its file or .fences lives, and
         # still increasing after both are lost, unless the wall clock also went back.
         fence = max(last + 1, _time.time_ns() // 1000)
         mine = self._holder_record(key, token, fence, now, now_bt, ttl, task_id, task_name)
-        self._remember(token, _filerecord.write(fd, _filerecord.encode(mine), data, size), mine)
+        if line:
+            mine[LINE] = 1
+        self._remember(token, _filerecord.write(fd, _filerecord.encode(mine), *old), mine)
         if reason is not None:
             self._log.info(
                 "broke stale lock %s (%s)",
@@ -412,6 +488,8 @@ class FileLockManager(LockManager):
                 reason,
                 extra={"lock_key": key, "backend": "file", "fence": fence},
             )
+        if job:
+            return Lease(key, token, fence, "file", ttl, now + ttl, now, os.getpid(), task_id)
         return Lease(key, token, fence, "file", ttl, now + ttl, now)
 
     def _remember(self, token: str, content: bytes, record: dict[str, Any]) -> None:
@@ -476,7 +554,7 @@ class FileLockManager(LockManager):
         opt = _filerecord.opt
         return LockInfo(
             key=key,
-            token_prefix=meta["token"][:8],
+            token_prefix=None if meta.get(RESERVED) is True else meta["token"][:8],
             fence=meta["fence"],
             backend=self.backend,
             host=opt(meta, "host", str),
