@@ -137,6 +137,12 @@ def test_waiters_of_many_keys_share_the_connection_and_channels_come_and_go(
         thread.start()
     hub = hub_of(manager)
     wait_for(lambda: hub.waiters == 15, timeout=10, what="15 waiters")
+    # A waiter counts from the moment it registers, before the server confirmed its channel.
+    wait_for(
+        lambda: all(channel_subscribers(admin, f"celery_lock:{{{k}}}:wake") for k in keys),
+        timeout=10,
+        what="the 5 channels to be subscribed",
+    )
     assert hub.channels == 5
     assert len(waiting_connections(admin)) == 1
     for key in keys:
@@ -144,13 +150,14 @@ def test_waiters_of_many_keys_share_the_connection_and_channels_come_and_go(
     # The last waiter of a channel leaving unsubscribes it; the others stay.
     first = keys[0]
     assert manager.release(holders[first])  # type: ignore[arg-type]
-    wait_for(lambda: got.get(first) is not None, timeout=10, what="a waiter of k0")
-    assert manager.release(got[first])
-    # Three waiters per key: the other two of k0 are served in line.
-    for _ in range(2):
+    # Three waiters per key, served in line. The lease to release is read before releasing it:
+    # once released, the next waiter may be served (and replace it in ``got``) at any moment.
+    served = None
+    for _ in range(3):
+        wait_for(lambda s=served: got.get(first) is not s, timeout=10, what="a waiter of k0")
         served = got[first]
-        wait_for(lambda s=served: got[first] is not s, timeout=10, what="the next waiter of k0")
-        assert manager.release(got[first])
+        assert served is not None, "a waiter of k0 gave up"
+        assert manager.release(served)
     wait_for(
         lambda: channel_subscribers(admin, f"celery_lock:{{{first}}}:wake") == 0,
         timeout=10,
