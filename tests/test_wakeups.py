@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +30,55 @@ def admin(own_redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = own_redis_server.client(decode_responses=True)
     yield client
     client.close()
+
+
+class WaiterThreads:
+    """Threads that wait for locks in a test. An exception in one is recorded in
+    :attr:`errors` (the test asserts it is empty), not raised in the thread; :meth:`stop`
+    ends them all while the test's redis-server still runs, so a failed test leaves no thread
+    behind to fail against a killed server."""
+
+    def __init__(self, admin: redis.Redis) -> None:
+        self._admin = admin
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def start(self, target: Callable[[], object]) -> threading.Thread:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - the test asserts errors == []
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+        return thread
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds in all for every thread; True when all ended."""
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self.threads)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Free every lock (FLUSHDB) until each waiter got one and ended. A no-op when the
+        test already joined them."""
+        deadline = time.monotonic() + timeout
+        while not self.join(0.05):
+            if time.monotonic() > deadline:
+                alive = sum(t.is_alive() for t in self.threads)
+                raise AssertionError(f"{alive} waiter thread(s) still waiting after {timeout} s")
+            self._admin.flushdb()
+
+
+@pytest.fixture
+def waiters(admin: redis.Redis) -> Iterator[WaiterThreads]:
+    """Lock-waiting threads of one test, ended before its redis-server is killed."""
+    threads = WaiterThreads(admin)
+    yield threads
+    threads.stop()
 
 
 def hub_of(manager: RedisLockManager) -> WakeHub:
@@ -54,6 +103,7 @@ def channel_subscribers(admin: redis.Redis, channel: str) -> int:
 def test_a_thousand_queue_waiters_share_one_connection_and_are_all_served(
     own_redis_server: RedisServer,
     admin: redis.Redis,
+    waiters: WaiterThreads,
     record_property: Any,
 ) -> None:
     """1,000 threads wait in QUEUE mode on one key of one manager; each holds the lock briefly
@@ -88,13 +138,12 @@ def test_a_thousand_queue_waiters_share_one_connection_and_are_all_served(
 
     previous = threading.stack_size(256 * 1024)
     try:
-        threads = [threading.Thread(target=wait_and_hold, daemon=True) for _ in range(n)]
-        for thread in threads:
-            thread.start()
+        threads = [waiters.start(wait_and_hold) for _ in range(n)]
     finally:
         threading.stack_size(previous)
     hub = hub_of(manager)
     wait_for(lambda: hub.waiters == n, timeout=60, what=f"{n} registered waiters")
+    wait_for(lambda: channel_subscribers(admin, "celery_lock:{hot}:wake"), timeout=10)
     while_waiting = waiting_connections(admin)
     assert channel_subscribers(admin, "celery_lock:{hot}:wake") == 1
 
@@ -120,23 +169,25 @@ def test_a_thousand_queue_waiters_share_one_connection_and_are_all_served(
 
 
 def test_waiters_of_many_keys_share_the_connection_and_channels_come_and_go(
-    own_redis_server: RedisServer, admin: redis.Redis
+    own_redis_server: RedisServer, admin: redis.Redis, waiters: WaiterThreads
 ) -> None:
     manager = RedisLockManager.from_url(own_redis_server.url)
     keys = [f"k{i}" for i in range(5)]
     holders = {k: manager.acquire(k, ttl=60) for k in keys}
     got: dict[str, Any] = {}
-    threads = [
-        threading.Thread(
-            target=lambda k=k: got.update({k: manager.acquire(k, mode="queue", timeout=20)})
-        )
-        for k in keys
-        for _ in range(3)
-    ]
-    for thread in threads:
-        thread.start()
+    for key in keys:
+        for _ in range(3):
+            waiters.start(
+                lambda k=key: got.update({k: manager.acquire(k, mode="queue", timeout=20)})
+            )
     hub = hub_of(manager)
     wait_for(lambda: hub.waiters == 15, timeout=10, what="15 waiters")
+    # A waiter counts from the moment it registers, before the server confirmed its channel.
+    wait_for(
+        lambda: all(channel_subscribers(admin, f"celery_lock:{{{k}}}:wake") for k in keys),
+        timeout=10,
+        what="the 5 channels to be subscribed",
+    )
     assert hub.channels == 5
     assert len(waiting_connections(admin)) == 1
     for key in keys:
@@ -144,13 +195,14 @@ def test_waiters_of_many_keys_share_the_connection_and_channels_come_and_go(
     # The last waiter of a channel leaving unsubscribes it; the others stay.
     first = keys[0]
     assert manager.release(holders[first])  # type: ignore[arg-type]
-    wait_for(lambda: got.get(first) is not None, timeout=10, what="a waiter of k0")
-    assert manager.release(got[first])
-    # Three waiters per key: the other two of k0 are served in line.
-    for _ in range(2):
+    # Three waiters per key, served in line. The lease to release is read before releasing it:
+    # once released, the next waiter may be served (and replace it in ``got``) at any moment.
+    served = None
+    for _ in range(3):
+        wait_for(lambda s=served: got.get(first) is not s, timeout=10, what="a waiter of k0")
         served = got[first]
-        wait_for(lambda s=served: got[first] is not s, timeout=10, what="the next waiter of k0")
-        assert manager.release(got[first])
+        assert served is not None, "a waiter of k0 gave up"
+        assert manager.release(served)
     wait_for(
         lambda: channel_subscribers(admin, f"celery_lock:{{{first}}}:wake") == 0,
         timeout=10,
@@ -163,9 +215,8 @@ def test_waiters_of_many_keys_share_the_connection_and_channels_come_and_go(
             wait_for(lambda k=key: got.get(k) is not None, timeout=10)
             lease, got[key] = got[key], None
             assert manager.release(lease)
-    for thread in threads:
-        thread.join(timeout=10)
-    assert not any(t.is_alive() for t in threads)
+    assert waiters.join(timeout=10)
+    assert waiters.errors == []
     assert hub.connections == 1
 
 
@@ -223,7 +274,10 @@ def test_forked_child_gets_its_own_listener(own_redis_server: RedisServer) -> No
 
 
 def test_the_documented_minimal_acl_is_enough(
-    own_redis_server: RedisServer, admin: redis.Redis, caplog: pytest.LogCaptureFixture
+    own_redis_server: RedisServer,
+    admin: redis.Redis,
+    waiters: WaiterThreads,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The exact line of docs/redis.md: acquire, wait (pub/sub), extend, inspect, list,
     release, clean and WAIT all work for that user."""
@@ -235,12 +289,12 @@ def test_the_documented_minimal_acl_is_enough(
     holder = manager.acquire("job", ttl=30)
     assert holder is not None
     got: list[Any] = []
-    thread = threading.Thread(target=lambda: got.append(manager.acquire("job", mode="queue")))
-    thread.start()
+    waiters.start(lambda: got.append(manager.acquire("job", mode="queue")))
     hub = hub_of(manager)
     wait_for(lambda: hub.waiters == 1, timeout=10)
     assert manager.release(holder)
-    thread.join(timeout=10)
+    assert waiters.join(timeout=10)
+    assert waiters.errors == []
     assert got and got[0] is not None
     assert manager.inspect("job") is not None
     assert [i.key for i in manager.iter_locks()] == ["job"]
@@ -258,6 +312,7 @@ def test_the_documented_minimal_acl_is_enough(
 def test_subscribe_refused_by_acl_means_polling_and_one_warning(
     own_redis_server: RedisServer,
     admin: redis.Redis,
+    waiters: WaiterThreads,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A user without channel rights (Redis 7 gives a new user none): its waiters are told no
@@ -271,14 +326,8 @@ def test_subscribe_refused_by_acl_means_polling_and_one_warning(
         holder = full.acquire("job", ttl=30)
         assert holder is not None
         got: list[Any] = []
-        threads = [
-            threading.Thread(
-                target=lambda: got.append(restricted.acquire("job", mode="queue", timeout=10))
-            )
-            for _ in range(3)
-        ]
-        for thread in threads:
-            thread.start()
+        for _ in range(3):
+            waiters.start(lambda: got.append(restricted.acquire("job", mode="queue", timeout=10)))
         if round_ == 0:
             wait_for(
                 lambda: any("&celery_lock:*" in r.getMessage() for r in caplog.records),
@@ -293,8 +342,8 @@ def test_subscribe_refused_by_acl_means_polling_and_one_warning(
             # Released through the manager with channel rights: this test is about waiting (a
             # release's own refused PUBLISH is reported by the release script).
             assert full.release(lease)
-        for thread in threads:
-            thread.join(timeout=10)
+        assert waiters.join(timeout=10)
+        assert waiters.errors == []
     warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "SUBSCRIBE" in warnings[0].getMessage()
