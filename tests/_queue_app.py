@@ -32,8 +32,12 @@ app.conf.update(
     lock_retry_interval=1.0,
     lock_fallback=os.environ.get("CL_TEST_FALLBACK", "file") or None,
     broker_connection_retry_on_startup=False,
+    # Unacknowledged messages older than the visibility timeout are delivered again; kombu
+    # >= 5.6 looks for them every interval x throttle seconds (default 10 x 10).
     broker_transport_options={
-        "visibility_timeout": float(os.environ.get("CL_TEST_VISIBILITY", "3600"))
+        "visibility_timeout": float(os.environ.get("CL_TEST_VISIBILITY", "3600")),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
     },
     worker_prefetch_multiplier=1,
     result_expires=600,

@@ -126,7 +126,7 @@ def test_queue_duplicates_run_in_arrival_order_woken_by_each_release(
     publishes per waiting call. Locks in Redis with the file fallback (the default), in Redis
     alone (``lock_fallback=None``), and in files (Redis for locks unreachable)."""
     fallback = {"CL_TEST_FALLBACK": ""} if locks == "redis-only" else {}
-    stack = Stack(server, tmp_path, locks=locks.split("-")[0], **fallback)
+    stack = Stack(server, tmp_path, locks=locks.split("-", maxsplit=1)[0], **fallback)
     try:
         stack.worker("fifo")
         started = time.monotonic()
