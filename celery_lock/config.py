@@ -64,6 +64,7 @@ OPTION_NAMES: Final = (
     "lock_max_requeues",
     "lock_on_duplicate",
     "lock_renew",
+    "lock_coalesce",
 )
 
 #: The app settings (``app.conf``; ``CELERY_LOCK_*`` under Django's namespace).
@@ -80,6 +81,7 @@ SETTING_NAMES: Final = (
     "lock_default_max_requeues",
     "lock_default_on_duplicate",
     "lock_default_renew",
+    "lock_default_coalesce",
     "lock_redis_transport_options",
     "lock_redis_use_ssl",
     "lock_redis_wait_replicas",
@@ -255,6 +257,8 @@ class LockSettings:
     default_on_duplicate: str = "skip"
     #: ``lock_default_renew``: renew leases while tasks run.
     default_renew: bool = True
+    #: ``lock_default_coalesce``: coalesce duplicates at publish time (``lock_coalesce``).
+    default_coalesce: bool = False
     #: ``broker_transport_options["visibility_timeout"]`` (Redis/SQS; 3600 when unset): QUEUE
     #: countdowns stay below a quarter of it, since a message held longer is redelivered
     #: (celery/celery#2599, #7009).
@@ -347,6 +351,9 @@ class LockSettings:
                 "lock_default_on_duplicate",
             ),
             default_renew=_flag(get("lock_default_renew", cls.default_renew), "lock_default_renew"),
+            default_coalesce=_flag(
+                get("lock_default_coalesce", cls.default_coalesce), "lock_default_coalesce"
+            ),
             visibility_timeout=_positive(
                 transport.get("visibility_timeout", cls.visibility_timeout),
                 "broker_transport_options['visibility_timeout']",
@@ -420,6 +427,7 @@ class TaskLockOptions:
     on_duplicate: str
     renew: bool
     keys: KeyBuilder
+    coalesce: bool = False
 
     @classmethod
     def resolve(
@@ -453,6 +461,7 @@ class TaskLockOptions:
             on_duplicate=_on_duplicate(*pick("lock_on_duplicate", settings.default_on_duplicate)),
             renew=_flag(*pick("lock_renew", settings.default_renew)),
             keys=KeyBuilder(task_name, run, values.get("lock_key")),
+            coalesce=_flag(*pick("lock_coalesce", settings.default_coalesce)),
         )
 
 

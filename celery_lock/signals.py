@@ -19,6 +19,7 @@ from celery.utils.dispatch import Signal
 
 __all__ = [
     "lock_acquired",
+    "lock_coalesced",
     "lock_fallback",
     "lock_lost",
     "lock_requeued",
@@ -51,6 +52,12 @@ lock_requeued = Signal(name="lock_requeued")
 #: ``sender``: the woken task (None when this process does not know it). Arguments:
 #: ``task_id`` (of the woken call), ``key``. Sent by the releasing process.
 lock_woken = Signal(name="lock_woken")
+
+#: A call was not published: it shares the result of an identical call (``lock_coalesce``).
+#:
+#: ``sender``: the task. Arguments: ``task_id`` (of the existing call, whose AsyncResult the
+#: caller got), ``key``. Sent by the producer.
+lock_coalesced = Signal(name="lock_coalesced")
 
 #: A running task's lease was lost (it expired or was taken over while the task ran).
 #:

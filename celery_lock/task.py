@@ -27,28 +27,38 @@ import logging
 import random
 import time as _time
 import types
-from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NoReturn
 
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.log import get_logger
 
-from celery_lock import _wakeup
+from celery_lock import _coalesce, _wakeup
+from celery_lock._calls import (
+    HELD,
+    REQUEUES_HEADER,
+    Call,
+    holder_task_id,
+    log_fields,
+    release_held,
+)
+from celery_lock._calls import (
+    requeues as requeues_of,
+)
 from celery_lock._worker import _on_task_failure, _on_task_revoked, install
 from celery_lock.config import OPTION_NAMES, LockSettings, TaskLockOptions, get_manager
 from celery_lock.config import get_settings as _get_settings
-from celery_lock.errors import LockBackendUnavailable, LockError, LockNotAcquired
+from celery_lock.errors import LockBackendUnavailable, LockNotAcquired
 from celery_lock.modes import LockMode
 from celery_lock.renewer import RenewalHandle, get_renewer
 from celery_lock.signals import lock_acquired, lock_lost, lock_requeued, lock_skipped
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable
 
     from celery import Celery
     from celery.app.task import Context
 
-    from celery_lock._base import LockManager
     from celery_lock._types import Claim, Lease
     from celery_lock.keys import KeySpec
 
@@ -58,15 +68,8 @@ _WORKER_HANDLERS = (_on_task_failure, _on_task_revoked)
 
 logger = get_logger(__name__)
 
-#: Message header counting how often a QUEUE-mode call has been re-queued (it reaches the task
-#: as ``self.request.headers[REQUEUES_HEADER]``). ``request.retries`` is left alone, so
-#: re-queues never use up ``max_retries``.
-REQUEUES_HEADER: Final = "lock_requeues"
 #: QUEUE countdowns double per re-queue up to this multiple of ``lock_countdown``.
 _GROWTH_CAP_EXPONENT: Final = 4
-#: Request attribute holding ``(manager, lease, renewal handle, request)`` while the lock is
-#: held (the request itself: Celery copies it into a nested direct call's request).
-_HELD: Final = "_celery_lock_held"
 #: Attribute of the wrapper ``run`` that holds the task's own ``run`` (raw class attribute).
 _ORIGINAL: Final = "_celery_lock_run"
 
@@ -152,6 +155,12 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
     #: Keep the lease alive while the task runs (one renewer thread per process).
     #: Default: ``lock_default_renew``, else True.
     lock_renew: ClassVar[bool | None] = None
+    #: Coalesce duplicates at publish time: ``apply_async``/``delay`` of a call whose identical
+    #: call already waits (QUEUE), or waits or runs (EXECUTION), returns that call's
+    #: ``AsyncResult`` instead of publishing (Redis locks only; see ``_coalesce``). Per call:
+    #: ``apply_async(..., lock_coalesce=True/False)``. Default: ``lock_default_coalesce``, else
+    #: False.
+    lock_coalesce: ClassVar[bool | None] = None
 
     #: Resolved options (set when the task binds); None: the task runs unlocked.
     _lock_options: ClassVar[TaskLockOptions | None] = None
@@ -186,6 +195,35 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         # Read through the class so a function given as lock_key is not bound to the task.
         return {name: getattr(cls, name, None) for name in OPTION_NAMES}
 
+    # ------------------------------------------------------------------ publishing
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """:meth:`celery.Task.apply_async`, coalescing identical calls when ``lock_coalesce``
+        is on (per call: ``lock_coalesce=True/False``)."""
+        coalesce = options.pop("lock_coalesce", None)
+        lock = self._lock_options
+
+        def send(new_id: str | None) -> Any:
+            return super(LockedTask, self).apply_async(
+                args, kwargs, new_id, producer, link, link_error, shadow, **options
+            )
+
+        if lock is None or not (lock.coalesce if coalesce is None else coalesce):
+            return send(task_id)
+        if link or link_error or not _coalesce.eligible(self.app, options):
+            return send(task_id)
+        return _coalesce.publish(self, lock, args, kwargs, task_id, send)
+
     # ------------------------------------------------------------------ running
 
     def _locked(
@@ -194,7 +232,7 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         """Run ``run(*args, **kwargs)`` under the call's lock (the wrapped ``run``)."""
         request = self.request
         options = self._lock_options
-        held = getattr(request, _HELD, None)
+        held = getattr(request, HELD, None)
         if options is None or (held is not None and held[3] is request):
             # Unlocked, or run() called again inside the run that holds the lock.
             if options is None:
@@ -203,9 +241,9 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         # A direct call of the task inside its own run gets a copy of the running request
         # (Task.push_request): it is a call of its own, never the job itself.
         nested = held is not None
-        setattr(request, _HELD, None)
+        setattr(request, HELD, None)
         request.lock_lease = None  # type: ignore[attr-defined]
-        call = _Call(
+        call = Call(
             request, args, kwargs, options.keys.key(args, kwargs), options, get_manager(self.app)
         )
         started = _time.monotonic()
@@ -213,7 +251,7 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         lease = self._claim(call) if in_worker else self._acquire(call)
         if lease is None:
             return None  # a skipped duplicate
-        setattr(request, _HELD, (call.manager, lease, None, request))
+        setattr(request, HELD, (call.manager, lease, None, request))
         finished = False
         try:
             request.lock_lease = lease  # type: ignore[attr-defined]
@@ -225,7 +263,7 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
                     on_lost=self._on_lost(request),
                     extra={"task_id": request.id, "task_name": self.name},
                 )
-                setattr(request, _HELD, (call.manager, lease, handle, request))
+                setattr(request, HELD, (call.manager, lease, handle, request))
             result = run(*args, **kwargs)
         except Retry:
             raise  # a new attempt of the job (retry() released the lock before publishing it)
@@ -241,9 +279,9 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         finally:
             settings = _get_settings(self.app)
             done = (settings.done_ttl, self._copies_may_exist(request)) if finished else None
-            _release_held(request, self.name, done)
+            release_held(request, self.name, done)
 
-    def _acquire(self, call: _Call) -> Lease | None:
+    def _acquire(self, call: Call) -> Lease | None:
         """Eager mode and direct calls: no queue to wait in, so QUEUE waits in-process, up to
         the TTL. Returns None for a skipped duplicate."""
         options = call.options
@@ -260,11 +298,11 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
             raise self._unavailable(call, exc) from exc
         if lease is None:
             self._duplicate(
-                call, _holder_task_id(call.manager, call.key), "timeout" if wait else None
+                call, holder_task_id(call.manager, call.key), "timeout" if wait else None
             )
         return lease
 
-    def _claim(self, call: _Call) -> Lease | None:
+    def _claim(self, call: Call) -> Lease | None:
         """In a worker: claim the key for this job (task id). Returns the lease, None for a
         skipped duplicate; raises ``Ignore`` for a copy that waits or is dropped."""
         request, options, manager = call.request, call.options, call.manager
@@ -323,12 +361,12 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         request = self.request
         limit = self.max_retries if max_retries is None else max_retries
         if not request.called_directly and (limit is None or request.retries + 1 <= limit):
-            _release_held(request, self.name, None)
+            release_held(request, self.name, None)
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     # ------------------------------------------------------------------ duplicates
 
-    def _duplicate(self, call: _Call, holder: str | None, action: str | None) -> None:
+    def _duplicate(self, call: Call, holder: str | None, action: str | None) -> None:
         """A call that does not run because another holds the key: skip (return), fail or
         ignore (raise) per ``lock_on_duplicate``, or ``action`` ("timeout": an eager QUEUE
         call gave up)."""
@@ -359,7 +397,7 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
             holder_task_id=holder,
         )
 
-    def _drop(self, call: _Call, why: str) -> NoReturn:
+    def _drop(self, call: Call, why: str) -> NoReturn:
         """A copy of a job that must not run: acknowledged, nothing stored, no links run."""
         request = call.request
         logger.info(
@@ -371,13 +409,13 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         )
         raise Ignore(f"{request.id}: {why}")
 
-    def _requeue(self, call: _Call, holder: str | None) -> NoReturn:
+    def _requeue(self, call: Call, holder: str | None) -> NoReturn:
         """Publish this call's safety-net copy and acknowledge the current delivery (``Ignore``).
 
         :raises LockNotAcquired: ``lock_max_requeues`` re-queues were used up.
         """
         request, key, cap = call.request, call.key, call.options.max_requeues
-        requeues = _requeues(request)
+        requeues = requeues_of(request)
         own = holder is not None and holder == request.id
         if cap is not None and requeues >= cap and not own:
             call.manager.remove_waiter(key, request.id or "")
@@ -421,13 +459,13 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         )
         raise Ignore(f"re-queued: lock {key!r} is held")
 
-    def _copy(self, call: _Call, countdown: float | None) -> Any:
+    def _copy(self, call: Call, countdown: float | None) -> Any:
         """This call's message again (a signature): same task id, routing (queue, priority),
         links, chain and chord, expires, time limits and ``retries`` (``max_retries`` is not
         consumed), with the re-queue header counted up."""
         request = call.request
         headers = dict(request.headers or {})
-        headers[REQUEUES_HEADER] = _requeues(request) + 1
+        headers[REQUEUES_HEADER] = requeues_of(request) + 1
         return self.signature_from_request(
             request, tuple(call.args), dict(call.kwargs), countdown=countdown, headers=headers
         )
@@ -437,13 +475,13 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         marker is kept): it was re-queued, redelivered, or is acknowledged late."""
         delivery = request.delivery_info or {}
         return bool(
-            _requeues(request)
+            requeues_of(request)
             or delivery.get("redelivered")
             or getattr(request, "acks_late", False)
             or self.acks_late
         )
 
-    def _took(self, call: _Call, lease: Lease, waited: float) -> None:
+    def _took(self, call: Call, lease: Lease, waited: float) -> None:
         request = call.request
         wait_ms = round(waited * 1000, 3)
         if logger.isEnabledFor(logging.DEBUG):
@@ -459,7 +497,7 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
             sender=self, task_id=request.id, key=call.key, lease=lease, wait_ms=wait_ms
         )
 
-    def _unavailable(self, call: _Call, exc: LockBackendUnavailable) -> LockBackendUnavailable:
+    def _unavailable(self, call: Call, exc: LockBackendUnavailable) -> LockBackendUnavailable:
         return LockBackendUnavailable(
             f"task {self.name!r}: cannot take lock {call.key!r}: {exc}",
             key=call.key,
@@ -488,33 +526,7 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         fence: int | None,
         **more: object,
     ) -> dict[str, object]:
-        return _log_fields(self.name, request.id, key, backend, fence, **more)
-
-
-def _log_fields(
-    task_name: str, task_id: str | None, key: str, backend: str, fence: int | None, **more: object
-) -> dict[str, object]:
-    """The structured ``extra`` of a log record about a task's lock (DESIGN §5)."""
-    return {
-        "lock_key": key,
-        "backend": backend,
-        "fence": fence,
-        "task_id": task_id,
-        "task_name": task_name,
-        **more,
-    }
-
-
-class _Call(NamedTuple):
-    """One call that found its lock taken (or its store unreachable): what the duplicate
-    handling needs to know about it."""
-
-    request: Context
-    args: Sequence[Any]
-    kwargs: Mapping[str, Any]
-    key: str
-    options: TaskLockOptions
-    manager: LockManager
+        return log_fields(self.name, request.id, key, backend, fence, **more)
 
 
 def _signature_target(cls: type[LockedTask]) -> Callable[..., Any]:
@@ -527,53 +539,6 @@ def _signature_target(cls: type[LockedTask]) -> Callable[..., Any]:
         # bind=True tasks and class-based run(self, ...): the first parameter is the task.
         return types.MethodType(raw, cls)
     return cls.run
-
-
-def _holder_task_id(manager: LockManager, key: str) -> str | None:
-    """The task id recorded by the holder of ``key`` (best effort: for logs and errors)."""
-    try:
-        info = manager.inspect(key)
-    except LockError:
-        return None
-    return info.task_id if info is not None else None
-
-
-def _release_held(request: Context, task_name: str, done: tuple[float, bool] | None) -> None:
-    """Release the lease recorded on ``request`` (once); never raises into the task's outcome.
-
-    ``done``: the job ran to completion: ``(done_ttl, mark)`` for :meth:`LockManager.finish`.
-    """
-    held = getattr(request, _HELD, None)
-    if held is None:
-        return
-    setattr(request, _HELD, None)
-    request.lock_lease = None  # type: ignore[attr-defined]
-    manager, lease, handle, _ = held
-    if handle is not None:
-        handle.cancel()
-        lease = handle.lease
-    try:
-        if done is None:
-            manager.release(lease)
-        else:
-            manager.finish(lease, done_ttl=done[0], mark=done[1])
-    except Exception as exc:  # noqa: BLE001 - the task's own result or error must stand
-        logger.warning(
-            "%s[%s] could not release lock %s (it ends with its TTL): %r",
-            task_name,
-            request.id,
-            lease.key,
-            exc,
-            extra=_log_fields(task_name, request.id, lease.key, lease.backend, lease.fence),
-        )
-
-
-def _requeues(request: Context) -> int:
-    """How often this call was re-queued (its header; a producer's junk counts as 0)."""
-    requeues = (request.headers or {}).get(REQUEUES_HEADER, 0)
-    if isinstance(requeues, bool) or not isinstance(requeues, int) or requeues < 0:
-        return 0
-    return requeues
 
 
 def _wrap_run(cls: type[LockedTask]) -> None:

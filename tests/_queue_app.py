@@ -73,6 +73,38 @@ def late(self: LockedTask, tag: str, seconds: float) -> str:
     return f"ran:{tag}"
 
 
+def coalesced_tasks(target: Celery, body: Any) -> dict[str, Any]:
+    """The coalescing tasks, registered on ``target`` with ``body`` (the worker's records; a
+    producer's never runs): one definition, so producer and worker compute the same keys."""
+    common = {
+        "base": LockedTask,
+        "bind": True,
+        "lock_coalesce": True,
+        "lock_ttl": 60,
+        "shared": False,
+    }
+
+    @target.task(name="q.sync", lock_mode="queue", lock_key="sync:{account}", **common)
+    def sync(self: LockedTask, account: int, seconds: float) -> str:
+        return body(self, account, seconds)  # type: ignore[no-any-return]
+
+    @target.task(name="q.sync_exec", lock_key="sync-exec:{account}", **common)
+    def sync_exec(self: LockedTask, account: int, seconds: float) -> str:
+        return body(self, account, seconds)  # type: ignore[no-any-return]
+
+    return {"q.sync": sync, "q.sync_exec": sync_exec}
+
+
+def _sync_body(task: LockedTask, account: int, seconds: float) -> str:
+    record("start", account=account, task_id=task.request.id, name=task.name)
+    time.sleep(seconds)
+    record("end", account=account, task_id=task.request.id, name=task.name)
+    return f"synced:{account}:{task.request.id}"
+
+
+coalesced_tasks(app, _sync_body)
+
+
 @app.task(name="q.link")
 def link(result: Any) -> None:
     """A callback: records each run."""

@@ -5,7 +5,9 @@ a tombstone ``"~<token> <release id>"`` that every script treats as free, and wh
 handed it to a waiting job a reservation ``"@<release id> <token> <task id>"`` (held for everyone
 but that task id; ``-`` for the first two fields when a break handed it over). Jobs (``CLAIM``)
 also use, under the same hash tag: ``:line`` (list of waiting task ids, first in line first),
-``:wake-ups`` (hash task id -> the waiter's payload) and ``:done:<task id>`` (a finished job).
+``:wake-ups`` (hash task id -> the waiter's payload), ``:done:<task id>`` (a finished job) and
+``:pending`` (coalescing: ``"r <task id>"`` reserved before its publish, ``"v <task id>"`` once
+published; cleared when that job claims the key, unless it then waits in line).
 Scripts compare the token by prefix: a token never contains a space, so ``"<token> "`` cannot
 match another holder's value. Each script's header says what it takes (KEYS, ARGV) and returns.
 
@@ -17,7 +19,18 @@ from __future__ import annotations
 import hashlib
 from typing import Final, NamedTuple
 
-__all__ = ["ACQUIRE", "BREAK", "CLAIM", "EXTEND", "INSPECT", "RELEASE", "REMOVE_WAITER", "Lua"]
+__all__ = [
+    "ACQUIRE",
+    "BREAK",
+    "CLAIM",
+    "COALESCE",
+    "EXTEND",
+    "INSPECT",
+    "RELEASE",
+    "REMOVE_WAITER",
+    "REVEAL",
+    "Lua",
+]
 
 
 class Lua(NamedTuple):
@@ -110,11 +123,20 @@ CLAIM: Final = _lua(
     + """
 -- Claim the lock for a job (a task id): ACQUIRE plus the job's done marker and waiter line.
 -- KEYS[1] lock key, KEYS[2] fence counter, KEYS[3] line, KEYS[4] wake-ups,
--- KEYS[5] done marker of this task id (all under one hash tag)
+-- KEYS[5] done marker of this task id, KEYS[6] coalescing marker (all under one hash tag)
 -- ARGV[1] token, ARGV[2] metadata, ARGV[3] ttl (ms), ARGV[4] fence counter ttl (ms),
--- ARGV[5] task id, ARGV[6] '1' to wait in line when held, ARGV[7] payload, ARGV[8] line ttl (ms)
+-- ARGV[5] task id, ARGV[6] '1' to wait in line when held, ARGV[7] payload, ARGV[8] line ttl (ms),
+-- ARGV[9] coalescing marker ttl (ms)
 -- returns {3} the task id already finished; {1, fence} granted; {2, fence} already ours;
 --         {0, pttl, value} held; {4, pttl, value} held, and the job waits in line
+-- A coalescing marker naming this job ends here, unless the job waits in line (still waiting).
+local marker = redis.call('GET', KEYS[6])
+if marker and string.sub(marker, 3) == ARGV[5] then
+  redis.call('DEL', KEYS[6])
+  marker = true
+else
+  marker = false
+end
 if redis.call('EXISTS', KEYS[5]) == 1 then
   return {3}
 end
@@ -143,6 +165,9 @@ if value then
   end
   redis.call('PEXPIRE', KEYS[3], ARGV[8])
   redis.call('PEXPIRE', KEYS[4], ARGV[8])
+  if marker then
+    redis.call('SET', KEYS[6], 'v ' .. ARGV[5], 'PX', ARGV[9])
+  end
   return {4, pttl, value}
 end
 -- Free: granted; the job leaves the line if it was in it (it runs now).
@@ -276,8 +301,13 @@ REMOVE_WAITER: Final = _lua(
     + """
 -- Remove a job from the line (it was revoked); if the key is reserved for it, hand the key to
 -- the next waiting job, or free it.
--- KEYS[1] lock key, KEYS[2] line, KEYS[3] wake-ups; ARGV[1] task id, ARGV[2] reservation ttl
+-- KEYS[1] lock key, KEYS[2] line, KEYS[3] wake-ups, KEYS[4] coalescing marker;
+-- ARGV[1] task id, ARGV[2] reservation ttl
 -- returns {removed (0/1)} or {1, task id, payload} when the key went to the next job
+local marker = redis.call('GET', KEYS[4])
+if marker and string.sub(marker, 3) == ARGV[1] then
+  redis.call('DEL', KEYS[4])
+end
 local removed = redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('LREM', KEYS[2], 0, ARGV[1])
 local value = redis.call('GET', KEYS[1])
@@ -304,5 +334,58 @@ if not value or string.byte(value, 1) == 126 then  -- '~': a released lock's tom
   return false
 end
 return {value, redis.call('PTTL', KEYS[1])}
+"""
+)
+
+COALESCE: Final = _lua(
+    """
+-- Coalescing at publish time: the call a new one can share, or a reservation for the new one.
+-- KEYS[1] lock key, KEYS[2] coalescing marker; ARGV[1] the new call's task id,
+-- ARGV[2] 'e' (EXECUTION: a running holder counts too) or 'q', ARGV[3] marker ttl (ms)
+-- returns {1, task id} an identical call waits (published, not started);
+--         {2, task id} EXECUTION: an identical call runs (or the key is reserved for it);
+--         {0} nothing to share: the marker is reserved for the new call (not visible yet)
+local marker = redis.call('GET', KEYS[2])
+if marker and string.sub(marker, 1, 2) == 'v ' then
+  return {1, string.sub(marker, 3)}
+end
+if ARGV[2] == 'e' then
+  local value = redis.call('GET', KEYS[1])
+  if value and string.byte(value, 1) == 64 then
+    local waiter = string.match(value, '^@%S+ %S+ (.*)$')
+    if waiter then
+      return {2, waiter}
+    end
+  elseif value and string.byte(value, 1) ~= 126 then
+    local ok, meta = pcall(cjson.decode, string.match(value, '^%S+ %d+ (.*)$') or '')
+    if ok and type(meta) == 'table' and type(meta['task_id']) == 'string' then
+      return {2, meta['task_id']}
+    end
+  end
+end
+redis.call('SET', KEYS[2], 'r ' .. ARGV[1], 'PX', ARGV[3])
+return {0}
+"""
+)
+
+REVEAL: Final = _lua(
+    """
+-- After the publish: make our reserved marker visible ('1'), or drop it ('0': the publish
+-- failed). A marker that changed meanwhile (another call reserved it) is left alone.
+-- KEYS[1] coalescing marker; ARGV[1] task id, ARGV[2] '1' reveal / '0' drop
+-- returns 1 done, 0 the marker is not ours
+local marker = redis.call('GET', KEYS[1])
+if marker ~= 'r ' .. ARGV[1] and marker ~= 'v ' .. ARGV[1] then
+  return 0
+end
+if ARGV[2] == '0' then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl > 0 then
+  redis.call('SET', KEYS[1], 'v ' .. ARGV[1], 'PX', pttl)
+end
+return 1
 """
 )

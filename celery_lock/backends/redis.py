@@ -6,13 +6,11 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
-import secrets
 import time as _time
 from collections.abc import Iterator, Mapping
-from typing import Any, Final, TypeAlias
+from typing import Any, TypeAlias
 
 import redis
 from redis.cluster import RedisCluster
@@ -20,11 +18,23 @@ from redis.exceptions import NoScriptError
 
 from celery_lock import _identity
 from celery_lock._base import LockManager, Waiter
-from celery_lock._types import Claim, CleanReport, Lease, LockInfo
+from celery_lock._types import CleanReport, Lease, LockInfo
 from celery_lock.backends import _clients, _durability
 from celery_lock.backends import _redis_scripts as scripts
 from celery_lock.backends._redis_errors import CLIENT_ERRORS as _CLIENT_ERRORS
 from celery_lock.backends._redis_errors import cluster_node_error, is_connection_error
+from celery_lock.backends._redis_jobs import MIN_FENCE_TTL_MS, RedisJobs, release_keys
+from celery_lock.backends._redis_values import (
+    GLOB_ESCAPES,
+    encodable,
+    holder_of,
+    key_of,
+    opt,
+    parse,
+    release_id,
+    reserved_for,
+    tag_of,
+)
 from celery_lock.backends._wakeups import WakeUps
 from celery_lock.errors import LockBackendUnavailable, LockConfigurationError
 
@@ -34,14 +44,8 @@ __all__ = ["RedisLockManager", "is_connection_error"]
 #: a Sentinel master client, both subclasses) or ``redis.cluster.RedisCluster``.
 RedisClient: TypeAlias = "redis.Redis | RedisCluster"
 
-#: Fence counters live at least this long after the last acquire (ms); see ``scripts.ACQUIRE``.
-_MIN_FENCE_TTL_MS: Final = 60_000
 
-#: Characters with a meaning in a ``SCAN MATCH`` pattern, escaped in the prefix.
-_GLOB_ESCAPES: Final = str.maketrans({c: "\\" + c for c in "*?[]\\"})
-
-
-class RedisLockManager(LockManager):
+class RedisLockManager(RedisJobs, LockManager):
     """Locks in Redis: ``<prefix>:{<key>}`` holds ``"<token> <fence> <json-metadata>"``.
 
     Acquire, release and extend are one round trip each (Lua scripts run by EVALSHA, loaded on
@@ -226,7 +230,7 @@ class RedisLockManager(LockManager):
             token,
             self._meta(key, now, ttl, task_id, task_name),
             ttl_ms,
-            max(ttl_ms * 2, _MIN_FENCE_TTL_MS),
+            max(ttl_ms * 2, MIN_FENCE_TTL_MS),
         )
         if self._orphans:
             self._reap_orphans()
@@ -269,96 +273,6 @@ class RedisLockManager(LockManager):
             raise self._unavailable(key, exc) from exc
         return reply
 
-    def _claim(
-        self,
-        key: str,
-        ttl: float,
-        token: str,
-        task_id: str,
-        task_name: str | None,
-        waiter: bytes | None,
-        done_ttl: float,
-    ) -> Claim:
-        name = self._name(key)
-        now = _time.time()
-        ttl_ms = math.ceil(ttl * 1000)
-        keys = (name, name + ":fence", name + ":line", name + ":wake-ups", _done(name, task_id))
-        args = (
-            token,
-            self._meta(key, now, ttl, task_id, task_name),
-            ttl_ms,
-            max(ttl_ms * 2, _MIN_FENCE_TTL_MS),
-            task_id,
-            "0" if waiter is None else "1",
-            b"" if waiter is None else waiter,
-            math.ceil(done_ttl * 1000),
-        )
-        if self._orphans:
-            self._reap_orphans()
-        try:
-            reply = self._eval(scripts.CLAIM, 5, *keys, *args)
-        except _CLIENT_ERRORS as exc:
-            # Same token, same task id: a re-sent claim that already ran answers "already ours"
-            # (or "queued" again, which changes nothing).
-            if isinstance(exc, redis.TimeoutError) or not is_connection_error(exc):
-                if isinstance(exc, redis.TimeoutError):
-                    self._orphans.append((name, token))
-                raise self._unavailable(key, exc) from exc
-            try:
-                reply = self._eval(scripts.CLAIM, 5, *keys, *args)
-            except _CLIENT_ERRORS as again:
-                self._orphans.append((name, token))
-                raise self._unavailable(key, again) from again
-        code = int(reply[0])
-        if code == 3:
-            return Claim("finished")
-        if code in (1, 2):
-            lease = Lease(
-                key, token, int(reply[1]), "redis", ttl, now + ttl, now, os.getpid(), task_id
-            )
-            return Claim("granted", self._replicated(lease))
-        holder = _holder_task_id(reply[2])
-        if code == 0 and self._break_if_dead(key, name, reply[2]):
-            return self._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
-        return Claim("queued" if code == 4 else "held", None, holder)
-
-    def _finish(self, lease: Lease, done_ttl: float, mark: bool) -> bool:
-        return self._end(lease, lease.task_id or "", done_ttl, mark)
-
-    def _remove_waiter(self, key: str, task_id: str) -> bool:
-        name = self._name(key)
-        try:
-            reply = self._eval(
-                scripts.REMOVE_WAITER,
-                3,
-                name,
-                name + ":line",
-                name + ":wake-ups",
-                task_id,
-                math.ceil(self.reserve_ttl * 1000),
-            )
-        except _CLIENT_ERRORS as exc:
-            raise self._unavailable(key, exc) from exc
-        self._turn(key, reply)
-        return bool(int(reply[0]))
-
-    def _waiting(self, key: str) -> list[str]:
-        name = self._name(key)
-        try:
-            ids = self._client.lrange(name + ":line", 0, -1)
-        except _CLIENT_ERRORS as exc:
-            raise self._unavailable(key, exc) from exc
-        return [i.decode("utf-8", "replace") if isinstance(i, bytes) else i for i in ids]
-
-    def _turn(self, key: str, reply: list[Any]) -> None:
-        """Hand the key to the job a script reserved it for (``reply[1:3]``), if any."""
-        if len(reply) == 3:
-            task_id = (
-                reply[1].decode("utf-8", "replace") if isinstance(reply[1], bytes) else reply[1]
-            )
-            payload = reply[2] if isinstance(reply[2], bytes) else reply[2].encode("utf-8")
-            self._hand_off(key, task_id, payload)
-
     def _reap_orphans(self) -> None:
         """Delete locks of acquires that raised after the server may have granted them."""
         while self._orphans:
@@ -367,9 +281,9 @@ class RedisLockManager(LockManager):
                 reply = self._eval(
                     scripts.RELEASE,
                     4,
-                    *_release_keys(name, ""),
+                    *release_keys(name, ""),
                     token,
-                    _release_id(),
+                    release_id(),
                     "",
                     1,
                     "0",
@@ -377,7 +291,7 @@ class RedisLockManager(LockManager):
                 )
             except _CLIENT_ERRORS:
                 return  # still unreachable: try again next time
-            self._turn(_key_of(None, name), reply)
+            self._turn(key_of(None, name), reply)
             with contextlib.suppress(IndexError):
                 self._orphans.popleft()
 
@@ -393,9 +307,9 @@ class RedisLockManager(LockManager):
             reply = self._eval(
                 scripts.RELEASE,
                 4,
-                *_release_keys(name, finished),
+                *release_keys(name, finished),
                 lease.token,
-                _release_id(),
+                release_id(),
                 finished,
                 max(1, math.ceil(done_ttl * 1000)),
                 "1" if mark else "0",
@@ -435,7 +349,7 @@ class RedisLockManager(LockManager):
         found = self._read(key, self._name(key))
         if found is None:
             return None
-        return self._info(key, _parse(found[0]), found[1], now, found[0])
+        return self._info(key, parse(found[0]), found[1], now, found[0])
 
     def _iter_locks(self) -> Iterator[LockInfo]:
         for name, tag in self._scan():
@@ -443,8 +357,8 @@ class RedisLockManager(LockManager):
             found = self._read(None, name)
             if found is None:
                 continue  # released or expired since SCAN saw it
-            parsed = _parse(found[0])
-            yield self._info(_key_of(parsed, tag), parsed, found[1], now, found[0])
+            parsed = parse(found[0])
+            yield self._info(key_of(parsed, tag), parsed, found[1], now, found[0])
 
     def _break(
         self, key: str, *, task_id: str | None, token_prefix: str | None, only_if_dead: bool
@@ -453,7 +367,7 @@ class RedisLockManager(LockManager):
         found = self._read(key, name)
         if found is None:
             return False
-        parsed = _parse(found[0])
+        parsed = parse(found[0])
         if task_id is not None and (parsed is None or parsed[2].get("task_id") != task_id):
             return False
         if token_prefix is not None and (parsed is None or not parsed[0].startswith(token_prefix)):
@@ -479,8 +393,8 @@ class RedisLockManager(LockManager):
             if found is None:
                 continue  # released or expired since SCAN saw it
             report.scanned += 1
-            parsed = _parse(found[0])
-            if parsed is None and _reserved_for(found[0]) is not None:
+            parsed = parse(found[0])
+            if parsed is None and reserved_for(found[0]) is not None:
                 report.kept += 1  # reserved for a waiting job: it ends by itself
             elif parsed is None:
                 report.kept += 1
@@ -494,7 +408,7 @@ class RedisLockManager(LockManager):
                 report.kept += 1
             elif dry_run:
                 report.removed += 1
-            elif self._compare_and_delete(key := _key_of(parsed, tag), name, found[0]):
+            elif self._compare_and_delete(key := key_of(parsed, tag), name, found[0]):
                 report.removed += 1
                 self._log_broken("cleaner removed lock of dead holder", key, parsed)
             else:
@@ -542,8 +456,12 @@ class RedisLockManager(LockManager):
 
     # ------------------------------------------------------------------ helpers
 
+    @staticmethod
+    def _holder_task_id(value: bytes | str) -> str | None:
+        return holder_of(value)
+
     def _name(self, key: str) -> str:
-        if "{" in key or "}" in key or not (key.isascii() or _encodable(key)):
+        if "{" in key or "}" in key or not (key.isascii() or encodable(key)):
             # Braces would change the Cluster hash tag, so such a key is tagged by its hash, in
             # a namespace of its own: a plain key always gives "<prefix>:{...}", never "#{".
             digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
@@ -557,14 +475,12 @@ class RedisLockManager(LockManager):
         try:
             # One SCAN finds both forms, "<prefix>:{<key>}" and "<prefix>:#{<sha256>}"; "}" at
             # the end leaves out the fence counters ("...}:fence").
-            for raw in self._client.scan_iter(
-                match=head.translate(_GLOB_ESCAPES) + "*}", count=500
-            ):
+            for raw in self._client.scan_iter(match=head.translate(GLOB_ESCAPES) + "*}", count=500):
                 try:
                     name = raw.decode("utf-8") if isinstance(raw, bytes) else raw
                 except UnicodeDecodeError:
                     continue  # not ours: every name we write is UTF-8
-                tag = _tag_of(name[len(head) :])
+                tag = tag_of(name[len(head) :])
                 if tag is not None:
                     yield name, tag
         except _CLIENT_ERRORS as exc:
@@ -589,7 +505,7 @@ class RedisLockManager(LockManager):
         expires = now + pttl / 1000 if pttl >= 0 else None
         if parsed is None:
             # A reservation shows the job it is kept for (or nothing, for a foreign value).
-            waiter = _reserved_for(value)
+            waiter = reserved_for(value)
             return LockInfo(key, None, None, "redis", None, None, waiter, None, None, expires)
         token, fence, meta = parsed
         return LockInfo(
@@ -597,17 +513,17 @@ class RedisLockManager(LockManager):
             token_prefix=token[:8],
             fence=fence,
             backend="redis",
-            host=_opt(meta.get("host"), str),
-            pid=_opt(meta.get("pid"), int),
-            task_id=_opt(meta.get("task_id"), str),
-            task_name=_opt(meta.get("task_name"), str),
-            acquired_at=_opt(meta.get("acquired"), float),
+            host=opt(meta.get("host"), str),
+            pid=opt(meta.get("pid"), int),
+            task_id=opt(meta.get("task_id"), str),
+            task_name=opt(meta.get("task_name"), str),
+            acquired_at=opt(meta.get("acquired"), float),
             expires_at=expires,
         )
 
     def _break_if_dead(self, key: str, name: str, value: bytes | str) -> bool:
         """Delete a busy lock whose holder is provably dead; True when it was deleted."""
-        parsed = _parse(value)
+        parsed = parse(value)
         if parsed is None or not _identity.holder_is_dead(parsed[2]):
             return False
         if not self._compare_and_delete(key, name, value):
@@ -666,91 +582,3 @@ class RedisLockManager(LockManager):
             key=key,
             backend="redis",
         )
-
-
-# ---------------------------------------------------------------------- module helpers
-
-
-def _tag_of(rest: str) -> str | None:
-    """The key shown for lock name ``<prefix>:<rest>``, or None when the name is not one of ours."""
-    if rest.startswith("{"):
-        tag = rest[1:-1]
-        return tag if "{" not in tag and "}" not in tag else None  # plain keys have no braces
-    if rest.startswith("#{"):
-        digest = rest[2:-1]
-        if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
-            return "#" + digest
-    return None
-
-
-def _release_id() -> str:
-    """A new id for one release call (it only has to differ between calls on one token)."""
-    return secrets.token_hex(8)
-
-
-def _encodable(key: str) -> bool:
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates
-        return False
-    return True
-
-
-def _parse(value: bytes | str) -> tuple[str, int, dict[str, Any]] | None:
-    """``(token, fence, metadata)`` of a lock value, or None when it is not one of ours."""
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    if text.startswith("@"):
-        return None  # a reservation for a waiting job (see _reserved_for)
-    parts = text.split(" ", 2)
-    if len(parts) != 3:
-        return None
-    token, fence_text, meta_text = parts
-    if not token or not (fence_text.isascii() and fence_text.isdigit()):
-        return None
-    try:
-        fence = int(fence_text)  # ValueError past sys.get_int_max_str_digits()
-        meta = json.loads(meta_text)
-    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
-        return None
-    return (token, fence, meta) if isinstance(meta, dict) else None
-
-
-def _reserved_for(value: bytes | str) -> str | None:
-    """The task id a reservation value ``"@<release id> <token> <task id>"`` is for, else None."""
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    if not text.startswith("@"):
-        return None
-    parts = text.split(" ", 2)
-    return parts[2] if len(parts) == 3 else None
-
-
-def _holder_task_id(value: bytes | str) -> str | None:
-    """The task id of a lock value's holder, or of the job it is reserved for."""
-    parsed = _parse(value)
-    if parsed is not None:
-        return _opt(parsed[2].get("task_id"), str)  # type: ignore[no-any-return]
-    return _reserved_for(value)
-
-
-def _done(name: str, task_id: str) -> str:
-    """The done marker of a finished job (same hash tag as its lock)."""
-    return f"{name}:done:{task_id}"
-
-
-def _release_keys(name: str, task_id: str) -> tuple[str, str, str, str]:
-    return name, name + ":line", name + ":wake-ups", _done(name, task_id)
-
-
-def _key_of(parsed: tuple[str, int, dict[str, Any]] | None, tag: str) -> str:
-    """The caller's key recorded in the metadata, else the hash tag it was stored under."""
-    key = parsed[2].get("key") if parsed is not None else None
-    return key if isinstance(key, str) else tag
-
-
-def _opt(value: object, kind: type[Any]) -> Any:
-    """``value`` when it is a ``kind`` (ints count as floats; bools never count), else None."""
-    if isinstance(value, bool):
-        return None
-    if kind is float and isinstance(value, int):
-        return float(value)
-    return value if isinstance(value, kind) else None

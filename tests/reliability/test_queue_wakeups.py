@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from celery_lock import RedisLockManager
 from tests._redis_server import RedisServer
 from tests._workers import NO_RETRIES, WorkerProcess, drop_results, wait_for
 from tests.reliability._harness import dead_url
@@ -232,3 +234,154 @@ def _children(pid: int) -> list[int]:
                 if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
                     found.append(int(entry))
     return found
+
+
+# ------------------------------------------------------------------------------- coalescing
+
+
+class Producer:
+    """A producer app with the coalescing tasks, on the stack's broker, results and locks."""
+
+    def __init__(self, stack: Stack, locks_url: str | None = None) -> None:
+        from tests._queue_app import coalesced_tasks  # noqa: PLC0415 - its env is the worker's
+
+        self.app = Celery(
+            "q-coalescer",
+            broker=stack.server.url_db(BROKER_DB),
+            backend=stack.server.url_db(BACKEND_DB),
+        )
+        self.app.conf.update(
+            lock_redis_url=locks_url or stack.server.url_db(LOCKS_DB),
+            lock_directory=str(stack.workdir / "producer-locks"),
+            result_backend_transport_options=NO_RETRIES,
+            broker_connection_retry_on_startup=False,
+        )
+        self.tasks = coalesced_tasks(self.app, lambda *_: "never runs here")
+        self.app.finalize()
+        self.coalesced: list[str] = []
+        from celery_lock.signals import lock_coalesced  # noqa: PLC0415
+
+        lock_coalesced.connect(self._on_coalesced, weak=False)
+
+    def _on_coalesced(self, sender: Any = None, task_id: str = "", **_: Any) -> None:
+        if sender is not None and sender.app is self.app:
+            self.coalesced.append(task_id)
+
+    def close(self) -> None:
+        from celery_lock.signals import lock_coalesced  # noqa: PLC0415
+
+        lock_coalesced.disconnect(self._on_coalesced)
+        self.app.close()
+
+
+@pytest.fixture
+def coalescing(server: RedisServer, tmp_path: Path) -> Iterator[tuple[Stack, Producer]]:
+    stack = Stack(server, tmp_path)
+    producer = Producer(stack)
+    try:
+        stack.worker("coalesce")
+        yield stack, producer
+    finally:
+        producer.close()
+        stack.close()
+
+
+def starts_of(stack: Stack, name: str) -> list[dict[str, Any]]:
+    return [e for e in stack.events("start") if e.get("name") == name]
+
+
+def test_queue_coalescing_keeps_one_running_and_one_waiting(
+    coalescing: tuple[Stack, Producer],
+) -> None:
+    """QUEUE, holder running 1 s, 20 identical calls at once: one more message is published,
+    19 calls share it; 2 runs; every AsyncResult resolves to a run that started after it."""
+    stack, producer = coalescing
+    sync = producer.tasks["q.sync"]
+    holder = sync.delay(7, 1.0)
+    wait_for(lambda: starts_of(stack, "q.sync"), 20, what="the holder to start")
+    results = [sync.delay(7, 0.2) for _ in range(20)]
+    ids = {r.id for r in results}
+    assert len(ids) == 1 and holder.id not in ids
+    assert len(producer.coalesced) == 19
+    values = [r.get(timeout=30) for r in results]
+    assert holder.get(timeout=30) == f"synced:7:{holder.id}"
+    assert set(values) == {f"synced:7:{next(iter(ids))}"}
+    time.sleep(0.5)
+    assert len(starts_of(stack, "q.sync")) == 2
+    # Once both ran, the next call is published anew.
+    again = sync.delay(7, 0)
+    assert again.id not in ids | {holder.id}
+    assert again.get(timeout=30) == f"synced:7:{again.id}"
+
+
+def test_execution_coalescing_hands_out_the_running_call(
+    coalescing: tuple[Stack, Producer],
+) -> None:
+    """EXECUTION: 20 calls while one runs give that run's id; other arguments never coalesce;
+    the default (lock_coalesce=False per call) publishes as before."""
+    stack, producer = coalescing
+    sync = producer.tasks["q.sync_exec"]
+    holder = sync.delay(1, 1.0)
+    wait_for(lambda: starts_of(stack, "q.sync_exec"), 20, what="the holder to start")
+    results = [sync.delay(1, 0) for _ in range(20)]
+    assert {r.id for r in results} == {holder.id}
+    other = sync.delay(2, 0)
+    assert other.id != holder.id
+    forced = sync.apply_async((1, 0), lock_coalesce=False)
+    assert forced.id != holder.id
+    assert {r.get(timeout=30) for r in results} == {f"synced:1:{holder.id}"}
+    assert other.get(timeout=30) == f"synced:2:{other.id}"
+    assert forced.get(timeout=30) is None  # published, and skipped by the worker-side lock
+    assert [e["account"] for e in starts_of(stack, "q.sync_exec")] == [1, 2]
+
+
+def test_a_marker_whose_producer_died_before_publishing_is_never_handed_out(
+    coalescing: tuple[Stack, Producer],
+) -> None:
+    """A producer killed between its marker and its publish leaves a reserved marker: the next
+    caller publishes, and its result resolves."""
+    stack, producer = coalescing
+    sync = producer.tasks["q.sync"]
+    key = sync._lock_options.keys.key((3, 0), {})
+    redis_manager = RedisLockManager.from_url(stack.server.url_db(LOCKS_DB))
+    assert redis_manager.coalesce(key, "ghost", running=False, ttl=60) is None
+    result = sync.delay(3, 0)
+    assert result.id != "ghost"
+    assert result.get(timeout=30) == f"synced:3:{result.id}"
+
+
+def test_coalescing_publishes_as_usual_when_redis_is_down(
+    server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lock Redis unreachable: every call is published, nothing raises, one WARNING."""
+    stack = Stack(server, tmp_path)
+    producer = Producer(stack, locks_url=dead_url())
+    try:
+        caplog.set_level(logging.WARNING, logger="celery_lock")
+        sync = producer.tasks["q.sync"]
+        ids = {sync.delay(5, 0).id for _ in range(5)}
+        assert len(ids) == 5
+        warnings = [r for r in caplog.records if "coalescing is off" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        producer.close()
+        stack.close()
+
+
+def test_a_revoked_waiting_call_is_not_handed_out_once_the_worker_saw_it(
+    coalescing: tuple[Stack, Producer],
+) -> None:
+    """A waiting call is revoked; when its turn comes the worker discards it, which clears its
+    marker: the next caller publishes a call of its own, which runs."""
+    stack, producer = coalescing
+    sync = producer.tasks["q.sync"]
+    holder = sync.delay(9, 1.0)
+    wait_for(lambda: starts_of(stack, "q.sync"), 20, what="the holder to start")
+    waiting = sync.delay(9, 0)
+    wait_for(lambda: stack.events("requeued"), 20, what="the call to wait in line")
+    producer.app.control.revoke(waiting.id)
+    assert holder.get(timeout=30)
+    wait_for(lambda: waiting.state == "REVOKED", 20, what="the waiting call to be discarded")
+    fresh = sync.delay(9, 0)
+    assert fresh.id not in (holder.id, waiting.id)
+    assert fresh.get(timeout=30) == f"synced:9:{fresh.id}"
