@@ -26,6 +26,7 @@ from celery.bin.base import CeleryCommand, handle_preload_options
 from celery_lock._types import CleanReport
 from celery_lock._validate import check_key
 from celery_lock.backends.hybrid import HybridLockManager
+from celery_lock.backends.redis import RedisLockManager
 from celery_lock.config import get_manager
 from celery_lock.errors import LockBackendUnavailable
 
@@ -189,6 +190,7 @@ def list_locks(ctx: click.Context, as_json: bool, **_: Any) -> None:
     obj: CLIContext = ctx.obj
     outcome = _Outcome(obj)
     infos: list[LockInfo] = []
+    markers: list[tuple[str, str, bool, float | None]] = []
     seen: set[tuple[str, str | None]] = set()
     for store_name, store in _stores(get_manager(obj.app)):
         found = outcome.read(store_name, _all_locks, store)
@@ -197,12 +199,38 @@ def list_locks(ctx: click.Context, as_json: bool, **_: Any) -> None:
             if (info.key, info.token_prefix) not in seen:
                 seen.add((info.key, info.token_prefix))
                 infos.append(info)
+        if isinstance(store, RedisLockManager):
+            pending = outcome.read(store_name, lambda s: list(s.iter_pending()), store)
+            markers.extend(pending or ())
     infos.sort(key=lambda info: (info.key, info.backend))
+    markers.sort()
+    now = time.time()
     if as_json:
-        obj.echo(_dump([info.as_dict() for info in infos]))
-    elif infos:
-        now = time.time()
-        obj.echo(_table(_row(info, now) for info in infos))
+        obj.echo(
+            _dump(
+                [info.as_dict() for info in infos]
+                + [
+                    {
+                        "key": key,
+                        "task_id": task_id,
+                        "backend": "redis",
+                        "waiting": "published" if visible else "being published",
+                        "expires_at": None if left is None else now + left,
+                    }
+                    for key, task_id, visible, left in markers
+                ]
+            )
+        )
+    elif infos or markers:
+        if infos:
+            obj.echo(_table(_row(info, now) for info in infos))
+        if markers:
+            # Coalescing markers (lock_coalesce): calls that wait to run and that identical
+            # calls share instead of publishing their own.
+            obj.echo("\nWaiting calls shared by coalescing:")
+            for key, task_id, visible, left in markers:
+                state = "waiting" if visible else "being published"
+                obj.echo(f"  {key}  task {task_id}  {state}  TTL {_seconds(left)}")
     elif outcome.unreadable:
         obj.echo("No locks found in the stores that could be read.")
     else:

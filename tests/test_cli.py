@@ -94,6 +94,28 @@ def test_list_json_has_the_lock_info_fields(manager: Any) -> None:
     assert entry["expires_at"] > time.time()
 
 
+def test_list_shows_coalescing_markers_as_waiting_calls(manager: Any) -> None:
+    redis_manager = manager.redis
+    assert redis_manager.coalesce("proj.c:3", "id-waiting", running=False, ttl=60) is None
+    assert redis_manager.reveal("proj.c:3", "id-waiting", published=True)
+    assert redis_manager.coalesce("proj.d:4", "id-publishing", running=False, ttl=60) is None
+    try:
+        result = run("list")
+        assert result.exit_code == 0
+        lines = result.output.strip().splitlines()
+        assert lines[0] == "Waiting calls shared by coalescing:"
+        assert lines[1].split()[:4] == ["proj.c:3", "task", "id-waiting", "waiting"]
+        assert lines[2].split()[:5] == ["proj.d:4", "task", "id-publishing", "being", "published"]
+        entries = json.loads(run("list", "--json").output)
+        assert [(e["key"], e["waiting"]) for e in entries] == [
+            ("proj.c:3", "published"),
+            ("proj.d:4", "being published"),
+        ]
+    finally:
+        redis_manager.reveal("proj.c:3", "id-waiting", published=False)
+        redis_manager.reveal("proj.d:4", "id-publishing", published=False)
+
+
 def test_show(manager: Any) -> None:
     manager.acquire("proj.a:1", ttl=60, task_id="id-a", task_name="proj.a")
     result = run("show", "proj.a:1")
