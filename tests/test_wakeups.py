@@ -231,8 +231,14 @@ def test_no_release_is_missed_when_the_wakeup_connection_is_killed(
         waiter = manager._waiter("k")
         try:
             assert channel_subscribers(admin, channel) == 1
-            assert admin.client_kill_filter(_type="pubsub") >= 1
-            assert admin.publish(channel, "1") == 0  # into the gap: published to nobody
+            # Killed and published in one MULTI/EXEC: the listener cannot reconnect (50 ms
+            # back-off, less than a descheduled test thread) between the two.
+            gap = admin.pipeline(transaction=True)
+            gap.client_kill_filter(_type="pubsub")
+            gap.publish(channel, "1")
+            killed, receivers = gap.execute()
+            assert killed >= 1
+            assert receivers == 0  # into the gap: published to nobody
             started = time.monotonic()
             assert waiter.wait(5.0) is True  # woken, not timed out
             assert time.monotonic() - started < 2.0
