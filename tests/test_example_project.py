@@ -157,9 +157,9 @@ def test_demo_without_services(tmp_path: Path) -> None:
     _check_summary(output)
     _check_sync_runs(run_dir, "file")
     assert _processes_of(run_dir) == []
-    # Published as <name>.msg.tmp, then renamed: no half-published message is left. (A message
+    # Published as tmp-<uuid>, then renamed: no half-published message is left. (A message
     # beat sent just before it stopped may still wait there: the demo does not drain the queue.)
-    assert list((run_dir / "broker" / "queue").glob("*.tmp")) == []
+    assert list((run_dir / "broker" / "queue").glob("tmp-*")) == []
     assert list((run_dir / "broker" / "processed").glob("*.msg"))
     assert (run_dir / "locks").is_dir()
     print(f"demo without services: {took:.1f} s")
@@ -303,5 +303,5 @@ def test_atomic_filesystem_transport_loses_no_message(tmp_path: Path) -> None:
     result = json.loads(output.strip().splitlines()[-1])
     assert result["errors"] == []
     assert result["received"] == list(range(MESSAGES))
-    # Published through <name>.msg.tmp + rename: no temp file is left behind either.
+    # Published through tmp-<uuid> + rename: no temp file is left behind either.
     assert list((tmp_path / "queue").iterdir()) == []

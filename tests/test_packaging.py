@@ -61,10 +61,8 @@ def test_every_lock_name_the_readme_mentions_exists() -> None:
     foreign = {"lock_expiry"}  # celery-singleton's option, in the migration table
     # Documented while issues 11 (QUEUE wake-ups) and 15 (publish-time coalescing) are built
     # on other branches; once merged these names exist in the code and this set can go.
-    upcoming = {"lock_coalesce", "lock_default_coalesce", "lock_woken", "lock_coalesced"}
     known = {
         *foreign,
-        *upcoming,
         *OPTION_NAMES,
         *SETTING_NAMES,
         "lock_lease",
@@ -72,7 +70,7 @@ def test_every_lock_name_the_readme_mentions_exists() -> None:
     }
     mentioned = set(re.findall(r"`(lock_[a-z_]+)", README))
     assert mentioned - known == set()
-    assert {n for n in mentioned if n.startswith("lock_default_")} <= {*SETTING_NAMES, *upcoming}
+    assert {n for n in mentioned if n.startswith("lock_default_")} <= set(SETTING_NAMES)
 
 
 def test_settings_constant_is_what_from_app_reads() -> None:

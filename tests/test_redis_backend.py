@@ -433,7 +433,13 @@ def test_a_release_whose_reply_is_lost_on_the_wire_reports_true(
     """A proxy between client and server lets the release script run and drops its reply with
     the connection; redis-py's Retry re-sends the same call, which finds its own tombstone."""
     with LossyProxy(redis_server.port) as proxy:
-        client = redis.Redis(port=proxy.port, db=9, socket_timeout=2.0, retry=Retry(NoBackoff(), 1))
+        client = redis.Redis(
+            port=proxy.port,
+            db=9,
+            socket_timeout=2.0,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[redis.ConnectionError],  # redis-py 5 retries only these
+        )
         manager = RedisLockManager(client)
         warm = manager.acquire("warm")  # scripts loaded: the release is one EVALSHA
         assert warm is not None and manager.release(warm)
@@ -445,6 +451,25 @@ def test_a_release_whose_reply_is_lost_on_the_wire_reports_true(
         assert RedisLockManager(redis_client).release(lease) is False  # a second call
         assert not manager.is_locked("k")
         client.close()
+
+
+def test_a_client_from_a_url_resends_a_release_whose_connection_dropped(
+    redis_server: RedisServer, redis_client: Any
+) -> None:
+    """The library's own client re-sends a command once when its connection drops, on every
+    redis-py we support: redis-py 5 retries only the errors named in ``retry_on_error``, so a
+    ``Retry`` alone would re-send nothing there and the release would raise."""
+    with LossyProxy(redis_server.port) as proxy:
+        manager = RedisLockManager.from_url(f"redis://127.0.0.1:{proxy.port}/9")
+        warm = manager.acquire("warm")  # scripts loaded: the release is one EVALSHA
+        assert warm is not None and manager.release(warm)
+        lease = manager.acquire("k", ttl=30)
+        assert lease is not None
+        proxy.lose_reply_to(RELEASE.sha.encode())
+        assert manager.release(lease) is True
+        assert proxy.lost == 1
+        assert not RedisLockManager(redis_client).is_locked("k")
+        manager.client.close()
 
 
 # ------------------------------------------------------------------------ context manager

@@ -237,6 +237,9 @@ def client_from_url(
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_connect_timeout,
         "retry": _retry(retries),
+        # redis-py 5 re-sends a command only for the errors listed here, whatever the Retry's
+        # supported errors say (6 and later go by the Retry alone; the list is harmless there).
+        "retry_on_error": [redis.ConnectionError],
         "health_check_interval": HEALTH_CHECK_INTERVAL,
         "client_name": CLIENT_NAME,
     }
@@ -460,6 +463,8 @@ def _cluster_client(
     node_url = urlunsplit(("rediss" if tls else "redis", netloc, "", first.query, ""))
     kwargs = dict(bounded)
     retry = kwargs.pop("retry")
+    # A Cluster client retries through its own Retry and cluster logic; it is left as it was.
+    kwargs.pop("retry_on_error")
     if ssl:
         kwargs.update(_ssl_options(ssl))
     kwargs.update(client_kwargs)

@@ -59,7 +59,8 @@ class RedisLockManager(RedisJobs, LockManager):
 
     For a client you build yourself, bound its timeouts and retries the way :meth:`from_url`
     does: ``socket_timeout`` (e.g. 1 s), ``socket_connect_timeout`` (e.g. 0.5 s) and
-    ``retry=Retry(NoBackoff(), 1)``. redis-py 8's defaults (5 s timeouts, 10 retries with
+    ``retry=Retry(NoBackoff(), 1)`` (with redis-py 5 also ``retry_on_error=[ConnectionError]``,
+    or it re-sends nothing). redis-py 8's defaults (5 s timeouts, 10 retries with
     back-off) make a refused connection take ~4.5 s and re-send every lock command up to ten
     times. ``decode_responses`` may be either.
 
