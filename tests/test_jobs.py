@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ BACKENDS = ["redis", "file", "hybrid", "hybrid-down"]
 @pytest.fixture(params=BACKENDS)
 def manager(
     request: pytest.FixtureRequest, redis_server: RedisServer, tmp_path: Path
-) -> Iterator[tuple[LockManager, list[tuple[str, str, bytes]]]]:
+) -> tuple[LockManager, list[tuple[str, str, bytes]]]:
     prefix = "jobs-" + uuid.uuid4().hex[:8]
     url = dead_url() if request.param == "hybrid-down" else redis_server.url_db(9)
     redis = RedisLockManager.from_url(url, prefix=prefix)
@@ -36,7 +35,7 @@ def manager(
     }[request.param]
     handed: list[tuple[str, str, bytes]] = []
     built.set_handoff(lambda key, task_id, payload: handed.append((key, task_id, payload)))
-    yield built, handed
+    return built, handed
 
 
 def test_outcomes_fifo_hand_off_and_done_markers(manager: Any) -> None:
