@@ -41,6 +41,10 @@ _encode_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).enc
 class Waiter:
     """Waits between QUEUE-mode attempts; backends with a release signal override :meth:`wait`."""
 
+    #: Longest poll interval while waiting (None: the manager's ``poll_max``). A waiter that a
+    #: release wakes polls only for holders that die or expire, and may poll less often.
+    poll_max: float | None = None
+
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; return True when woken by a release signal."""
         _time.sleep(seconds)
@@ -468,7 +472,7 @@ class LockManager(abc.ABC):
                 if waiter.wait(min(remaining, delay * random.uniform(0.5, 1.0))):  # noqa: S311
                     delay = self.poll_min
                 else:
-                    delay = min(delay * 1.6, self.poll_max)
+                    delay = min(delay * 1.6, waiter.poll_max or self.poll_max)
         finally:
             waiter.close()
 

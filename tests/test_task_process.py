@@ -94,8 +94,10 @@ def test_queue_duplicates_across_processes_run_one_at_a_time(stack: Stack) -> No
     overlaps = sum(1 for a, b in zip(intervals, intervals[1:]) if b[0] < a[1])
     assert overlaps == 0
     assert len({e["pid"] for e in starts}) >= 2  # really spread over processes
-    requeued = sum(w.log().count("re-queued") for w in stack.workers)
-    assert requeued >= 19  # at least every call but the first waited once
+    waited = sum(w.log().count("waits in line") for w in stack.workers)
+    # Most calls found the key held and waited in line (one released just before a call
+    # arrives hands it over without a wait).
+    assert waited >= 10
 
 
 def _start_holder(stack: Stack, tag: str) -> tuple[Any, dict[str, Any]]:
