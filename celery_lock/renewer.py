@@ -23,6 +23,9 @@ _log = logging.getLogger("celery_lock.renewer")
 #: After a failed renewal, try again this often (seconds) while the lease is still valid.
 RETRY_INTERVAL = 0.5
 
+#: An idle thread (no lease registered) exits after this many seconds.
+IDLE_EXIT = 60.0
+
 
 class RenewalHandle:
     """A registered lease. ``lease`` is the current (renewed) lease; ``lost`` turns True once the
@@ -98,6 +101,9 @@ class Renewer:
         self._heap: list[tuple[float, int, RenewalHandle]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
+        #: Monotonic time by which the thread looks at the heap again: the end of its current
+        #: wait, or 0.0 while it is not waiting (it looks before it waits again).
+        self._wake_at = 0.0
         self._generation = _fork.generation()
         #: Registered handles neither cancelled nor lost.
         self._live = 0
@@ -134,15 +140,15 @@ class Renewer:
             if len(heap) > 2 * self._live + 64:
                 heap[:] = [e for e in heap if e[2].active]
                 heapq.heapify(heap)
-            earliest = heap[0][0] if heap else None
             self._live += 1
             self._schedule(handle, due)
             if self._thread is None or not self._thread.is_alive():
+                self._wake_at = 0.0
                 self._thread = threading.Thread(
                     target=self._run, name="celery_lock-renewer", daemon=True
                 )
                 self._thread.start()
-            elif earliest is None or due < earliest:
+            elif due < self._wake_at:
                 # Wake the thread only when it would otherwise sleep past this lease's first
                 # renewal: a wake-up per task is a thread switch per task on the hot path.
                 self._cond.notify()
@@ -165,7 +171,7 @@ class Renewer:
                     if not self._heap:
                         # Idle: wait for a registration; exit after a while so an idle process
                         # keeps no thread (register() starts a new one).
-                        if not self._cond.wait(timeout=60) and not self._heap:
+                        if not self._wait(IDLE_EXIT) and not self._heap:
                             self._thread = None
                             return
                         continue
@@ -174,8 +180,17 @@ class Renewer:
                     if delay <= 0:
                         _, _, handle = heapq.heappop(self._heap)
                         break
-                    self._cond.wait(timeout=delay)
+                    self._wait(delay)
             self._renew(handle)
+
+    def _wait(self, delay: float) -> bool:
+        """Wait on the condition (its lock held) for at most ``delay`` seconds; register()
+        notifies only a lease due before this wait ends."""
+        self._wake_at = _time.monotonic() + delay
+        try:
+            return self._cond.wait(timeout=delay)
+        finally:
+            self._wake_at = 0.0
 
     def _renew(self, handle: RenewalHandle) -> None:
         lease = handle.lease
