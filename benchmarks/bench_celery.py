@@ -7,7 +7,10 @@ key are empty; the worker's own count must equal N. Printed as tasks/s and as ra
 task measured in the same run (TESTING.md §7 measured celery-once and celery-singleton at 0.86x
 plain end to end).
 
-    python -m benchmarks.bench_celery [--tasks 2000] [--repeats 3]
+    python -m benchmarks.bench_celery [--tasks 2000] [--repeats 3] [--flavours plain,execution]
+
+``BENCH_LOCK_FALLBACK=none`` runs celery_lock on Redis alone (``lock_fallback=None``), without
+the same-host shadow file lock the default hybrid keeps beside every Redis lease.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from celery import Celery
 
 from tests._redis_server import RedisServer
 
-FLAVOURS = ["plain", "execution", "queue", "once", "singleton"]
+#: ``*_co``: the same task with ``lock_coalesce=True`` (unique arguments: nothing to share, so
+#: this is the cost of looking, paid at publish time).
+FLAVOURS = ["plain", "execution", "queue", "execution_co", "queue_co", "once", "singleton"]
 
 
 def publish(app: Celery, name: str, n: int) -> float:
@@ -81,6 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--flavours", default=",".join(FLAVOURS), help="comma-separated; plain is always run"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="celery_lock-bench-") as tmp:
@@ -94,7 +102,8 @@ def main() -> None:
 
         broker = server.client(db=0)
         locks = server.client(db=2)
-        flavours = [f for f in FLAVOURS if f"bench.{f}" in app.tasks]
+        wanted = {"plain", *args.flavours.split(",")}
+        flavours = [f for f in FLAVOURS if f in wanted and f"bench.{f}" in app.tasks]
         results: dict[str, list[tuple[float, float]]] = {f: [] for f in flavours}
         try:
             for _ in range(args.repeats):

@@ -18,6 +18,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     lock_redis_url=LOCKS,
     lock_cleanup_interval=None,
+    # BENCH_LOCK_FALLBACK=none: Redis only (no same-host shadow file lock beside each lease).
+    lock_fallback=None if os.environ.get("BENCH_LOCK_FALLBACK") == "none" else "file",
     ONCE={
         "backend": "celery_once.backends.Redis",
         "settings": {"url": LOCKS, "default_timeout": 60},
@@ -42,6 +44,16 @@ def _register_optional() -> None:
     @app.task(name="bench.queue", base=LockedTask, lock_mode=LockMode.QUEUE)
     def queue(i: int) -> None:
         """celery_lock, QUEUE mode."""
+
+    @app.task(
+        name="bench.execution_co", base=LockedTask, lock_mode=LockMode.EXECUTION, lock_coalesce=True
+    )
+    def execution_co(i: int) -> None:
+        """celery_lock, EXECUTION mode, coalesced at publish time."""
+
+    @app.task(name="bench.queue_co", base=LockedTask, lock_mode=LockMode.QUEUE, lock_coalesce=True)
+    def queue_co(i: int) -> None:
+        """celery_lock, QUEUE mode, coalesced at publish time."""
 
     try:
         from celery_once import QueueOnce
