@@ -143,7 +143,6 @@ class Renewer:
             self._live += 1
             self._schedule(handle, due)
             if self._thread is None or not self._thread.is_alive():
-                self._wake_at = 0.0
                 self._thread = threading.Thread(
                     target=self._run, name="celery_lock-renewer", daemon=True
                 )

@@ -198,8 +198,8 @@ def test_a_lease_due_before_the_threads_wait_ends_wakes_it() -> None:
     renewer = Renewer()
     slow = m.acquire("slow", ttl=300)
     assert slow is not None
-    renewer.register(m, slow)  # the thread now sleeps ~100 s
-    time.sleep(0.05)
+    renewer.register(m, slow)
+    assert wait_for(lambda: renewer._wake_at > time.monotonic() + 60)  # asleep for ~100 s
     fast = m.acquire("fast", ttl=0.3)
     assert fast is not None
     handle = renewer.register(m, fast)
