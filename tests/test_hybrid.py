@@ -283,6 +283,27 @@ def test_redis_lease_holds_a_same_token_shadow_file_lock(parts) -> None:
     assert on_files.release(held)
 
 
+def test_a_job_finished_on_redis_leaves_no_done_file(parts) -> None:
+    """Redis keeps a finished job's marker; the shadow writes one only when Redis could not.
+    A file per finished job, kept for done_ttl, piled up in the lock directory of a busy host
+    (tens of thousands of files per hour) and cost every task a create and a rename."""
+    server, redis, file = parts
+    hybrid = HybridLockManager(redis, file, retry_interval=60)
+    for i in range(5):
+        claim = hybrid.claim(f"k{i}", task_id=f"t{i}", ttl=30)
+        assert claim.lease is not None and claim.lease.backend == "redis"
+        assert hybrid.finish(claim.lease, done_ttl=600, mark=True)
+    assert list(Path(file.directory).glob("*.done")) == []
+    assert hybrid.claim("k0", task_id="t0", ttl=30).outcome == "finished"  # Redis remembers
+    lease = hybrid.claim("k9", task_id="t9", ttl=30).lease
+    assert lease is not None
+    server.connected = False
+    assert hybrid.finish(lease, done_ttl=600, mark=True) is False  # not confirmed by Redis
+    assert len(list(Path(file.directory).glob("*.done"))) == 1
+    assert hybrid.using_fallback
+    assert hybrid.claim("k9", task_id="t9", ttl=30).outcome == "finished"  # known in files
+
+
 def test_busy_redis_drops_the_shadow(parts) -> None:
     _server, redis, file = parts
     other = redis.acquire("k")  # held in Redis by another host (no shadow here)

@@ -230,8 +230,15 @@ def _claim_locked(
     return Claim("granted", lease), None
 
 
-def finish(manager: FileLockManager, lease: Lease, done_ttl: float, mark: bool) -> bool:
-    """``FileLockManager._finish``: release as ``_release``; mark the job done; hand off."""
+def finish(
+    manager: FileLockManager, lease: Lease, done_ttl: float, mark: bool, *, if_line: bool = False
+) -> bool:
+    """``FileLockManager._finish``: release as ``_release``; mark the job done; hand off.
+
+    :param if_line: mark the job done also when somebody waits in the key's line (the hybrid's
+        shadow of a job Redis marked: a same-host claim that finds the key held in files, say
+        reserved for the next waiter, learns from the files alone that this job finished).
+    """
     key, task_id = lease.key, lease.task_id
     assert task_id is not None  # LockManager.finish releases a lease without one
     name = file_name(key)
@@ -250,7 +257,8 @@ def finish(manager: FileLockManager, lease: Lease, done_ttl: float, mark: bool) 
             alive = _filerecord.remaining(meta, now, manager._boottime()) > 0
             state = load(files.dir_fd, state_name(name), key, now) if LINE in meta else None
             # Copies of this job in the line are done too: they leave it.
-            if (state is not None and state.drop(task_id)) or mark:
+            dropped = state is not None and state.drop(task_id)
+            if dropped or mark or (if_line and state is not None):
                 mark_done(files.dir_fd, name, key, task_id, now + done_ttl)
             old = (data, st.st_size)
             if state is not None:

@@ -334,15 +334,25 @@ class HybridLockManager(LockManager):
             ttl = file.default_ttl
         return file._try_acquire(key, ttl, token, task_id, task_name)
 
-    def _release_shadow(self, lease: Lease, finished: tuple[float, bool] | None = None) -> None:
+    def _release_shadow(
+        self, lease: Lease, finished: tuple[float, bool] | None = None, marked: bool = False
+    ) -> None:
         """Drop the same-token file lock that stands beside a Redis lease (best effort: a
-        leftover shadow only delays same-host contenders until it expires or is cleaned)."""
+        leftover shadow only delays same-host contenders until it expires or is cleaned).
+
+        :param marked: Redis recorded the finished job's marker: the files get one only when
+            somebody waits in the file line (a file per finished job, kept for done_ttl,
+            piled up in the lock directory of a busy host and cost every task a create and a
+            rename).
+        """
         if self._file is None:
             return
         shadow = dataclasses.replace(lease, backend="file")
         try:
             if finished is None:
                 self._file._release(shadow)
+            elif marked:
+                self._file._finish(shadow, finished[0], False, if_line=True)
             else:
                 self._file._finish(shadow, *finished)
         except LockBackendUnavailable as exc:
@@ -473,7 +483,7 @@ class HybridLockManager(LockManager):
                 released = False
         # The shadow last: its release hands the key to a same-host job waiting in the file
         # line, whose claim must then find the Redis lock ended too.
-        self._release_shadow(lease, finished)
+        self._release_shadow(lease, finished, marked=released)
         return released
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
