@@ -16,6 +16,7 @@ from celery_lock import (
     LockMode,
     RedisLockManager,
 )
+from celery_lock.backends import _hostlocks
 from tests._contention import run_contention
 from tests._redis_server import RedisServer
 from tests._workers import wait_for
@@ -188,8 +189,8 @@ def test_cleaner_over_hybrid_counts_an_unreachable_store(parts) -> None:
     hybrid = HybridLockManager(redis, file, retry_interval=60)
     assert hybrid.acquire("k") is not None
     report = LockCleaner(hybrid).clean(dry_run=True)
-    # The Redis lock and its same-token shadow file lock: entries are counted per store.
-    assert (report.scanned, report.removed, report.errors) == (2, 0, 0)
+    # The Redis lock only: its same-host mark is a byte lock, not a lock file.
+    assert (report.scanned, report.removed, report.errors) == (1, 0, 0)
     server.connected = False
     report = LockCleaner([hybrid, redis]).clean()
     assert report.errors >= 1
@@ -259,9 +260,41 @@ def test_hybrid_contention_six_processes(redis_server: RedisServer, tmp_path: Pa
     assert set(result.backends) == {"redis"}
 
 
-def test_redis_lease_holds_a_same_token_shadow_file_lock(parts) -> None:
-    """While serving from Redis the hybrid also holds the file lock, so a same-host process
-    that sees Redis as down (a file-only view of the same folder) stays out, and vice versa."""
+def test_redis_lease_marks_the_key_on_this_host_without_a_file(parts) -> None:
+    """While serving from Redis the hybrid marks each lease on this host (a shared byte lock of
+    .hostlocks), so a same-host process that sees Redis as down (a file-only view of the same
+    folder) stays out, and vice versa; no lock file is written for it."""
+    _server, redis, file = parts
+    hybrid = HybridLockManager(redis, file, retry_interval=60)
+    on_files = HybridLockManager(None, FileLockManager(file.directory))
+    lease = hybrid.acquire("k", ttl=5)
+    assert lease is not None and lease.backend == "redis"
+    assert sorted(p.name for p in Path(file.directory).iterdir()) == [".hostlocks"]
+    assert on_files.acquire("k") is None
+    assert on_files.claim("k", task_id="other", ttl=5).outcome == "held"
+    renewed = hybrid.extend(lease, ttl=60)
+    assert renewed is not None
+    assert hybrid.release(renewed)
+    assert not file.is_locked("k") and not redis.is_locked("k")
+    held = on_files.acquire("k")
+    assert held is not None
+    assert hybrid.acquire("k") is None  # held in files on this host: not granted from Redis
+    assert not redis.is_locked("k")  # and Redis was not even asked to hold it
+    assert on_files.release(held)
+    # A free lock file left behind does not stop the mark from standing alone.
+    again = hybrid.claim("k", task_id="t1", ttl=5).lease
+    assert again is not None and again.backend == "redis" and not file.is_locked("k")
+    assert on_files.claim("k", task_id="t2", ttl=5).outcome == "held"
+    assert hybrid.finish(again, done_ttl=60, mark=True)
+    assert on_files.claim("k", task_id="t2", ttl=5).lease is not None
+
+
+def test_without_byte_locks_a_redis_lease_holds_a_shadow_file_lock(
+    parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where byte locks of open file descriptions do not exist (not Linux), the hybrid holds a
+    same-token file lock beside each Redis lease instead, with the same effect."""
+    monkeypatch.setattr(_hostlocks, "_SUPPORTED", False)
     _server, redis, file = parts
     hybrid = HybridLockManager(redis, file, retry_interval=60)
     on_files = HybridLockManager(None, FileLockManager(file.directory))
@@ -281,6 +314,21 @@ def test_redis_lease_holds_a_same_token_shadow_file_lock(parts) -> None:
     assert hybrid.acquire("k") is None  # held in files on this host: not granted from Redis
     assert not redis.is_locked("k")  # and Redis was not even asked to hold it
     assert on_files.release(held)
+
+
+def test_a_job_finished_in_files_is_found_by_a_redis_claim(parts) -> None:
+    """A job that finished in files during an outage is not run again by its redelivery once
+    Redis is back: the claim finds the done marker in files (and takes the shadow path)."""
+    server, redis, file = parts
+    hybrid = HybridLockManager(redis, file, retry_interval=60)
+    lease = hybrid.claim("k", task_id="t1", ttl=30).lease
+    assert lease is not None and lease.backend == "redis"
+    server.connected = False
+    assert hybrid.finish(lease, done_ttl=600, mark=True) is False  # Redis cannot record it
+    server.connected = True
+    fresh = HybridLockManager(redis, file, retry_interval=60)  # its circuit is closed
+    assert fresh.claim("k", task_id="t1", ttl=30).outcome == "finished"
+    assert len(list(Path(file.directory).glob("*.done"))) == 1
 
 
 def test_a_job_finished_on_redis_leaves_no_done_file(parts) -> None:

@@ -22,6 +22,7 @@ import os
 import secrets
 import stat
 import time as _time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from celery_lock._types import Claim, CleanReport, Lease
@@ -124,8 +125,10 @@ def claim(
     task_name: str | None,
     waiter: bytes | None,
     done_ttl: float,
+    veto: Callable[[str], bool] | None = None,
 ) -> Claim:
-    """``FileLockManager._claim`` (see :meth:`LockManager.claim`)."""
+    """``FileLockManager._claim`` (see :meth:`LockManager.claim`; ``veto`` as in
+    ``FileLockManager._try_acquire``)."""
     name = file_name(key)
     files = manager._files
     turn = None
@@ -142,7 +145,18 @@ def claim(
             fd, st = opened
             try:
                 result, turn = _claim_locked(
-                    manager, fd, st, name, key, ttl, token, task_id, task_name, waiter, done_ttl
+                    manager,
+                    fd,
+                    st,
+                    name,
+                    key,
+                    ttl,
+                    token,
+                    task_id,
+                    task_name,
+                    waiter,
+                    done_ttl,
+                    veto,
                 )
             finally:
                 unlock_close(fd)
@@ -172,6 +186,7 @@ def _claim_locked(
     task_name: str | None,
     waiter: bytes | None,
     done_ttl: float,
+    veto: Callable[[str], bool] | None,
 ) -> tuple[Claim, Turn | None]:
     files, size = manager._files, st.st_size
     data = _filerecord.read(fd, size)
@@ -218,6 +233,8 @@ def _claim_locked(
         if not meta.get(LINE):
             _filerecord.write(fd, _filerecord.encode({**meta, LINE: 1}), data, size)
         return Claim("queued", None, holder), turn
+    if veto is not None and veto(name):
+        return Claim("held"), turn
     line = False
     if state is not None:
         state.drop(task_id)

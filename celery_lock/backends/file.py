@@ -17,7 +17,7 @@ import logging
 import os
 import time as _time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,11 +27,15 @@ from celery_lock._types import CleanReport, Lease, LockInfo
 from celery_lock.backends import _filejobs, _filerecord, _lockdir, _lockfiles
 from celery_lock.backends._filejobs import LINE, RESERVED, Turn
 from celery_lock.backends._filerecord import FENCE_LIMIT, MAX_BYTES, file_name, is_time
+from celery_lock.backends._jobstate import is_done, mark_done
 from celery_lock.backends._lockdir import OPEN_CREATE, OPEN_WRITE, unlock_close
 from celery_lock.backends._lockfiles import Entry, Foreign, LockFiles, is_stale
 from celery_lock.backends._notify import NotifyWaiter, Watches
 from celery_lock.backends._waitline import Lines
 from celery_lock.errors import LockBackendUnavailable, LockError
+
+#: ``veto(lock_name)``: True keeps a grant from files from writing its record.
+Veto = Callable[[str], bool]
 
 __all__ = ["FileLockManager"]
 
@@ -168,8 +172,20 @@ class FileLockManager(LockManager):
     # ------------------------------------------------------------------ hooks
 
     def _try_acquire(
-        self, key: str, ttl: float, token: str, task_id: str | None, task_name: str | None
+        self,
+        key: str,
+        ttl: float,
+        token: str,
+        task_id: str | None,
+        task_name: str | None,
+        veto: Veto | None = None,
     ) -> Lease | None:
+        """See :meth:`LockManager._try_acquire`.
+
+        :param veto: ``veto(lock_name)`` is asked once the lock file exists, under its flock,
+            before a grant writes the record: True keeps the key from being granted (the
+            hybrid's test for a Redis lease of this host, see ``_hostlocks``).
+        """
         name = file_name(key)
         try:
             for _ in range(_lockfiles.REOPEN_TRIES):
@@ -181,7 +197,9 @@ class FileLockManager(LockManager):
                 assert opened is not None  # O_CREAT: never None
                 fd, st = opened
                 try:
-                    got = self._acquire_locked(fd, st, name, key, ttl, token, task_id, task_name)
+                    got = self._acquire_locked(
+                        fd, st, name, key, ttl, token, task_id, task_name, veto
+                    )
                 finally:
                     unlock_close(fd)
                 if type(got) is Turn:
@@ -226,6 +244,36 @@ class FileLockManager(LockManager):
             raise self._unavailable(exc, key) from exc
         self._after_release(key, name, turn)
         return alive
+
+    def _quiet(self, key: str, task_id: str | None = None) -> bool:
+        """True when ``key`` has no lease in files: its lock file is absent or free (read under a
+        shared flock), and ``task_id``, if given, has no done marker here. False also when the
+        files cannot tell (the hybrid then takes the full shadow path, which reports why)."""
+        name = file_name(key)
+        try:
+            if self._files.read(name) is not None:
+                return False
+            return task_id is None or not is_done(
+                self._files.dir_fd, name, key, task_id, _time.time()
+            )
+        except (OSError, LockError):
+            return False
+
+    def _mark_done(self, key: str, task_id: str, done_ttl: float) -> None:
+        """Mark ``task_id`` of ``key`` finished in files (a Redis lease without a shadow whose
+        finish Redis could not record), under the key's lock file's flock."""
+        name = file_name(key)
+        try:
+            opened = self._files.open_locked(name, OPEN_CREATE, fcntl.LOCK_EX)
+            if opened is None or isinstance(opened, Foreign):
+                return
+            fd, _ = opened
+            try:
+                mark_done(self._files.dir_fd, name, key, task_id, _time.time() + done_ttl)
+            finally:
+                unlock_close(fd)
+        except OSError as exc:
+            raise self._unavailable(exc, key) from exc
 
     def _owned_record(
         self, fd: int, st: os.stat_result, lease: Lease
@@ -401,6 +449,7 @@ class FileLockManager(LockManager):
         token: str,
         task_id: str | None,
         task_name: str | None,
+        veto: Veto | None = None,
     ) -> Lease | Turn | None:
         size = st.st_size
         data = _filerecord.read(fd, size)
@@ -448,6 +497,8 @@ class FileLockManager(LockManager):
                             return turn
                     else:
                         line = True  # the line only matters at the next release
+        if veto is not None and veto(name):
+            return None
         old = (data, size)
         return self._grant(fd, old, key, last, token, ttl, task_id, task_name, reason, line)
 

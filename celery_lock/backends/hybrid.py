@@ -16,11 +16,13 @@ from celery_lock import _fork
 from celery_lock._base import HandOff, LockManager, Waiter
 from celery_lock._types import Claim, CleanReport, Lease, LockInfo
 from celery_lock._validate import check_ttl
+from celery_lock.backends import _hostlocks
+from celery_lock.backends._filerecord import file_name
 from celery_lock.errors import LockBackendUnavailable
 from celery_lock.modes import LockMode
 
 if TYPE_CHECKING:
-    from celery_lock.backends.file import FileLockManager
+    from celery_lock.backends.file import FileLockManager, Veto
     from celery_lock.backends.redis import RedisLockManager
 
 __all__ = ["HybridLockManager"]
@@ -59,8 +61,9 @@ class HybridLockManager(LockManager):
     Redis again. A lease is always released and extended on the backend that granted it
     (``lease.backend``): while the circuit is open, extending a Redis lease fails at once
     (the renewer retries while the lease lasts) and releasing one is left to the probe, which
-    releases it by token once Redis answers. While it serves from Redis the hybrid also holds
-    a same-token "shadow" file lock, so processes on this host that still (or already) see
+    releases it by token once Redis answers. While it serves from Redis the hybrid also marks
+    each lease on this host (a byte lock of ``.hostlocks``, or where there are none a
+    same-token "shadow" file lock), so processes on this host that still (or already) see
     Redis as down cannot take the key from files meanwhile, and vice versa.
 
     A :class:`~celery_lock.errors.LockConfigurationError` (a Redis Cluster node behind a
@@ -110,6 +113,11 @@ class HybridLockManager(LockManager):
         self._unreleased: collections.deque[tuple[Lease, tuple[float, bool] | None]] = (
             collections.deque(maxlen=4096)
         )
+        #: Same-host marks of Redis leases, asked by grants from files too (None: shadow lock
+        #: files instead, or no files at all).
+        self._host = _hostlocks.for_directory(file._files.dir_fd) if file is not None else None
+        #: What grants from files ask before they write (None: nothing to ask).
+        self._veto: Veto | None = self._veto_name if self._host is not None else None
         _hybrids.add(self)
 
     @property
@@ -290,14 +298,16 @@ class HybridLockManager(LockManager):
         file = self._file
         error: LockBackendUnavailable | None = None
         if redis is not None:
-            # While serving from Redis the hybrid also holds a "shadow" file lock with the same
-            # token. Processes on this host that see Redis as down (each notices an outage, and
-            # its end, on its own schedule) take file locks, so the shadow keeps them out, and a
-            # key they hold in files is not granted from Redis: no same-host double grant
-            # across a transition, in either direction. A check of the file before the Redis
-            # grant would leave a window open (check-then-act).
+            # Processes on this host that see Redis as down (each notices an outage, and its
+            # end, on its own schedule) take file locks, so a Redis lease is marked on this
+            # host too: a byte of .hostlocks (see _hostlocks), or where that cannot be, a
+            # "shadow" file lock with the same token. Either is taken before the Redis grant
+            # and checked by grants from files after they wrote, and vice versa: no same-host
+            # double grant across a transition, in either direction (a check without the
+            # mark first would leave a window open: check-then-act).
             shadow = None
-            if file is not None:
+            marked = self._mark(token, key)
+            if file is not None and not (marked and file._quiet(key)):
                 try:
                     shadow = file._try_acquire(key, ttl, token, task_id, task_name)
                 except LockBackendUnavailable as exc:
@@ -306,33 +316,78 @@ class HybridLockManager(LockManager):
                     file = None
                 else:
                     if shadow is None:
+                        self._unmark(token)
                         return None  # held in files on this host
+                    self._add_shadow(token)
             try:
                 lease = self._via_redis(
                     lambda: redis._try_acquire(key, ttl, token, task_id, task_name)
                 )
             except LockBackendUnavailable as exc:
+                self._unmark(token)
                 if shadow is not None and file is not None:
                     # Redis just failed: the shadow is the fallback lease (with the file
-                    # manager's default ttl when the caller gave none).
+                    # manager's default ttl when the caller gave none), unless a Redis lease
+                    # of this host holds the key.
+                    if self._vetoed(key):
+                        self._release_shadow(shadow)
+                        return None
                     if getattr(self._call, "ttl_defaulted", False):
                         shadow = file._extend(shadow, file.default_ttl) or shadow
                     return shadow
                 error = exc
             except BaseException:
-                # Not an outage (LockConfigurationError...): no lease, so no shadow either.
+                # Not an outage (LockConfigurationError...): no lease, so no mark either.
+                self._unmark(token)
                 if shadow is not None:
                     self._release_shadow(shadow)
                 raise
             else:
-                if lease is None and shadow is not None:
-                    self._release_shadow(shadow)
+                if lease is None:
+                    self._unmark(token)
+                    if shadow is not None:
+                        self._release_shadow(shadow)
                 return lease
         file = self._need_file(error)
         if getattr(self._call, "ttl_defaulted", False):
             # The backend is chosen here, per attempt, so its default is applied here too.
             ttl = file.default_ttl
-        return file._try_acquire(key, ttl, token, task_id, task_name)
+        return file._try_acquire(key, ttl, token, task_id, task_name, self._veto)
+
+    # ------------------------------------------------------------ same-host marks
+
+    def _mark(self, token: str, key: str) -> bool:
+        """Take the same-host byte of a Redis lease about to be asked for; False where there is
+        none (no table, or it failed: the shadow file lock stands in)."""
+        host = self._host
+        if host is None:
+            return False
+        try:
+            host.hold(token, _hostlocks.offset(file_name(key)))
+        except OSError as exc:
+            self._log.debug("same-host mark for %s failed: %s", key, exc)
+            return False
+        return True
+
+    def _unmark(self, token: str) -> bool:
+        """Let go of the byte of ``token``; True when the lease may hold a shadow file."""
+        host = self._host
+        return True if host is None else host.drop(token)
+
+    def _add_shadow(self, token: str) -> None:
+        if self._host is not None:
+            self._host.add_shadow(token)
+
+    def _has_shadow(self, token: str) -> bool:
+        return self._host is None or self._host.has_shadow(token)
+
+    def _veto_name(self, name: str) -> bool:
+        host = self._host
+        return host is not None and host.held(_hostlocks.offset(name))
+
+    def _vetoed(self, key: str) -> bool:
+        """True when a Redis lease of this host holds ``key`` (our own mark is gone)."""
+        return self._veto is not None and self._veto_name(file_name(key))
 
     def _release_shadow(
         self, lease: Lease, finished: tuple[float, bool] | None = None, marked: bool = False
@@ -374,18 +429,21 @@ class HybridLockManager(LockManager):
         waiter: bytes | None,
         done_ttl: float,
     ) -> Claim:
-        """Like ``_try_acquire``: the same-host shadow in files, then the claim in Redis.
+        """Like ``_try_acquire``: the same-host mark (or shadow in files), then the claim in
+        Redis.
 
         A job that finds the shadow held (a same-host holder, or a same-host process on files)
         waits in the file line and is woken when that file lock ends; one that finds the key
-        held in Redis (a holder on another host) waits in the Redis line. Each line is FIFO.
+        held in Redis waits in the Redis line. Each line is FIFO. A job finished in files
+        (during an outage) is found there: the claim takes the shadow path then.
         """
         redis = self._redis_due()
         file = self._file
         error: LockBackendUnavailable | None = None
         if redis is not None:
             shadow = None
-            if file is not None:
+            marked = self._mark(token, key)
+            if file is not None and not (marked and file._quiet(key, task_id)):
                 try:
                     in_files = file._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
                 except LockBackendUnavailable as exc:
@@ -393,28 +451,37 @@ class HybridLockManager(LockManager):
                     file = None
                 else:
                     if in_files.lease is None:
+                        self._unmark(token)
                         return in_files  # held (or finished) in files on this host
                     shadow = in_files.lease
+                    self._add_shadow(token)
             try:
                 claim = self._via_redis(
                     lambda: redis._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
                 )
             except LockBackendUnavailable as exc:
-                if shadow is not None:
-                    if getattr(self._call, "ttl_defaulted", False) and file is not None:
+                self._unmark(token)
+                if shadow is not None and file is not None:
+                    if self._vetoed(key):
+                        self._release_shadow(shadow)
+                        return Claim("held")
+                    if getattr(self._call, "ttl_defaulted", False):
                         shadow = file._extend(shadow, file.default_ttl) or shadow
                     return Claim("granted", shadow)
                 error = exc
             except BaseException:
+                self._unmark(token)
                 if shadow is not None:
                     self._release_shadow(shadow)
                 raise
             else:
-                if claim.lease is None and shadow is not None:
-                    self._release_shadow(shadow)
+                if claim.lease is None:
+                    self._unmark(token)
+                    if shadow is not None:
+                        self._release_shadow(shadow)
                 return claim
         file = self._need_file(error)
-        return file._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
+        return file._claim(key, ttl, token, task_id, task_name, waiter, done_ttl, self._veto)
 
     def _remove_waiter(self, key: str, task_id: str) -> bool:
         removed = False
@@ -481,9 +548,18 @@ class HybridLockManager(LockManager):
                 # Cannot be confirmed released; it ends with its TTL (the caller is not given
                 # an exception: the work is done and nothing else can be saved).
                 released = False
-        # The shadow last: its release hands the key to a same-host job waiting in the file
-        # line, whose claim must then find the Redis lock ended too.
-        self._release_shadow(lease, finished, marked=released)
+        # The mark last: the shadow's release hands the key to a same-host job waiting in the
+        # file line, whose claim must then find the Redis lock ended too.
+        if self._unmark(lease.token):
+            self._release_shadow(lease, finished, marked=released)
+        elif finished is not None and finished[1] and not released and self._file is not None:
+            # No shadow, and Redis did not record the job as done: the files do, so that a
+            # same-host claim during the outage learns it finished.
+            assert lease.task_id is not None
+            try:
+                self._file._mark_done(lease.key, lease.task_id, finished[0])
+            except LockBackendUnavailable as exc:
+                self._log.debug("could not mark %s done in files: %s", lease.key, exc)
         return released
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
@@ -501,7 +577,7 @@ class HybridLockManager(LockManager):
                 backend="redis",
             )
         renewed = self._via_redis(lambda: manager._extend(lease, ttl))
-        if renewed is not None and self._file is not None:
+        if renewed is not None and self._file is not None and self._has_shadow(lease.token):
             with contextlib.suppress(LockBackendUnavailable):
                 # Best effort, like the shadow itself: Redis decides whether the lease lives.
                 self._file._extend(dataclasses.replace(lease, backend="file"), ttl)

@@ -37,6 +37,7 @@ from celery_lock import (
     LockManager,
     RedisLockManager,
 )
+from celery_lock.backends import _hostlocks
 from tests._contention import build
 from tests._redis_server import free_port
 
@@ -78,11 +79,13 @@ def dead_url() -> str:
 
 
 def entries_per_lock(backend_spec: tuple[str, dict[str, Any]]) -> int:
-    """Store entries one held lock makes: 2 for a hybrid whose Redis answers (the Redis lock and
-    its same-token shadow file lock), else 1."""
+    """Store entries one held lock makes: 1, or 2 for a hybrid whose Redis answers where byte
+    locks of open file descriptions do not exist (the Redis lock and its same-token shadow file
+    lock; elsewhere the same-host mark is a byte lock, no entry)."""
     factory, kwargs = backend_spec
     # spec() gives the answering hybrid a key prefix and the hybrid-down one a dead URL only.
-    return 2 if factory.endswith(":hybrid_manager") and "prefix" in kwargs else 1
+    answering = factory.endswith(":hybrid_manager") and "prefix" in kwargs
+    return 2 if answering and not _hostlocks._SUPPORTED else 1
 
 
 def spec(
@@ -915,8 +918,8 @@ def cleaner_race(
     stats = result[0] if result else LoopStats(errors=["contenders did not finish"])
     left = sum(manager.is_locked(k) for k in dead_keys)
     facts = ContentionFacts(stats, section.count(), section.fences(), time.monotonic() - began)
-    # A hybrid serving from Redis holds a shadow file lock beside each Redis lock: a dead holder
-    # leaves two entries, and the cleaner's report counts entries per store.
+    # Where a hybrid serving from Redis holds a shadow file lock beside each Redis lock, a dead
+    # holder leaves two entries, and the cleaner's report counts entries per store.
     per_holder = entries_per_lock(backend_spec)
     return CleanerRaceFacts(
         contention=facts,

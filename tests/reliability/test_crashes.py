@@ -40,5 +40,5 @@ def test_sigkilled_holder_is_replaced_quickly_and_cleaned(setup: Setup) -> None:
     median_target, worst = BOUNDS[setup.backend]
     assert statistics.median(facts.recoveries) < median_target, facts.recoveries
     assert max(facts.recoveries) < worst, facts.recoveries
-    assert facts.cleaner_removed == entries_per_lock(setup.spec)  # hybrid: lock + shadow
+    assert facts.cleaner_removed == entries_per_lock(setup.spec)
     assert not facts.left_locked
