@@ -5,7 +5,7 @@ port (never the machine's own Redis), and printed as ops/s plus ratios to baseli
 same run: the raw redis-py ``SET NX PX`` + ``EVALSHA`` compare-and-delete cycle for Redis locks,
 ``filelock.FileLock`` for file locks.
 
-    python -m benchmarks.bench_locks [--seconds 1.0] [--rounds 3] [--handoffs 40]
+    python -m benchmarks.bench_locks [--seconds 0.25] [--rounds 15] [--handoffs 40]
 """
 
 from __future__ import annotations
@@ -182,8 +182,8 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=1.0, help="per sample")
-    parser.add_argument("--rounds", type=int, default=3, help="samples per implementation")
+    parser.add_argument("--seconds", type=float, default=0.25, help="per sample")
+    parser.add_argument("--rounds", type=int, default=15, help="samples per implementation")
     parser.add_argument("--handoffs", type=int, default=40)
     args = parser.parse_args()
 
@@ -193,18 +193,35 @@ def main() -> None:
         try:
             impls = cycles(server.url, Path(tmp))
             samples: dict[str, list[float]] = {name: [] for name in impls}
-            for _ in range(args.rounds):  # interleaved so drift hits every implementation
-                for name, cycle in impls.items():
-                    samples[name].append(rate(cycle, args.seconds))
-            med = {name: statistics.median(v) for name, v in samples.items()}
-            raw = med["raw redis-py SET NX PX + EVALSHA"]
-            print(f"\nuncontended acquire+release, median of {args.rounds} x {args.seconds:g} s")
+            names = list(impls)
+            for r in range(args.rounds):
+                # Short rounds, each implementation once per round in a rotating order: a ratio
+                # is the median of per-round ratios, so drift of a noisy machine (which moves
+                # every implementation of a round alike) cancels out.
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    samples[name].append(rate(impls[name], args.seconds))
+            raw_name, file_name = "raw redis-py SET NX PX + EVALSHA", "filelock FileLock"
+
+            def paired(name: str, base: str) -> float:
+                pairs = zip(samples[name], samples[base], strict=True)
+                return statistics.median(a / b for a, b in pairs)
+
+            print(
+                f"\nuncontended acquire+release, {args.rounds} rounds x {args.seconds:g} s; "
+                "ratios: median of per-round ratios"
+            )
             header = ("implementation", "ops/s", "us/op", "vs raw", "vs filelock")
             print("{:36} {:>9} {:>8} {:>7} {:>11}".format(*header))
-            flk = med.get("filelock FileLock")
-            for name, value in med.items():
-                vs_file = f"{value / flk:11.2f}" if flk else f"{'-':>11}"
-                print(f"{name:36} {value:9.0f} {1e6 / value:8.1f} {value / raw:7.2f} {vs_file}")
+            for name, values in samples.items():
+                value = statistics.median(values)
+                vs_file = f"{paired(name, file_name):11.2f}" if file_name in samples else "-"
+                print(
+                    f"{name:36} {value:9.0f} {1e6 / value:8.1f} "
+                    f"{paired(name, raw_name):7.2f} {vs_file:>11}"
+                )
+            if "redis-py Lock" in samples:
+                vs_lock = paired("RedisLockManager", "redis-py Lock")
+                print(f"RedisLockManager vs redis-py Lock: {vs_lock:.2f}")
 
             print(
                 f"\nQUEUE hand-off latency (release -> waiting process acquires), n={args.handoffs}"

@@ -32,6 +32,7 @@ import stat
 import struct
 import sys
 import threading
+import weakref
 from typing import Final
 
 from celery_lock import _fork
@@ -53,8 +54,8 @@ _SUPPORTED: Final = (
     and _FLOCK.size == 32
 )
 
-#: One table per lock directory (device, inode) in this process.
-_tables: dict[tuple[int, int], HostLocks] = {}
+#: One table per lock directory (device, inode) in this process, while a manager uses it.
+_tables: weakref.WeakValueDictionary[tuple[int, int], HostLocks] = weakref.WeakValueDictionary()
 _tables_lock = threading.Lock()
 
 
@@ -75,12 +76,21 @@ def for_directory(dir_fd: int) -> HostLocks | None:
     ident = (st.st_dev, st.st_ino)
     with _tables_lock:
         table = _tables.get(ident)
+        if table is not None and not table.linked():
+            # A directory that was removed, its inode number now reused by ours.
+            del _tables[ident]
+            table = None
         if table is None:
             table = HostLocks(dir_fd)
             if not table.usable():
                 return None
             _tables[ident] = table
     return table
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        close_quietly(fd)
 
 
 @_fork.in_child
@@ -103,6 +113,9 @@ class HostLocks:
         self._dir_fd = os.dup(dir_fd)
         self._mutex = threading.Lock()
         self._fd: int | None = None
+        #: What the finalizer closes: the directory and the file, once opened.
+        self._fds: list[int] = [self._dir_fd]
+        weakref.finalize(self, _close_all, self._fds)
         #: byte -> leases of this process that hold it
         self._held: dict[int, int] = {}
         #: token -> byte of each Redis lease of this process
@@ -122,6 +135,13 @@ class HostLocks:
             return False
         return True
 
+    def linked(self) -> bool:
+        """False once the directory was removed."""
+        try:
+            return os.fstat(self._dir_fd).st_nlink > 0
+        except OSError:
+            return False
+
     def _open(self) -> int:
         fd = self._fd
         if fd is None:
@@ -131,6 +151,7 @@ class HostLocks:
                 os.close(fd)
                 raise OSError(f"{NAME} is not a regular file with one link")
             self._fd = fd
+            self._fds.append(fd)
         return fd
 
     def hold(self, token: str, byte: int) -> None:
@@ -203,4 +224,5 @@ class HostLocks:
         fd, self._fd = self._fd, None
         if fd is not None:
             # The parent keeps its own descriptor: its locks live on until it closes that.
+            self._fds.remove(fd)
             close_quietly(fd)
