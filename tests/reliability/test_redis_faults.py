@@ -147,8 +147,9 @@ def test_file_grant_between_check_and_redis_grant_is_not_a_double_grant(
 ) -> None:
     """The race behind the ('file', 'redis') overlaps of the outage run, made deterministic: a
     lagging process (circuit still open) tries the file lock right before the recovered one's
-    Redis grant; exactly one of them may hold the key (the recovered one holds a same-token
-    shadow file lock while it serves from Redis, so the lagging one finds the key busy)."""
+    Redis grant; exactly one of them may hold the key (the recovered one marks the key on this
+    host before it asks Redis: a byte lock of .hostlocks, or a same-token shadow file lock where
+    there are none; the lagging one's grant from files checks it after it wrote)."""
     lagging = hybrid_manager(own_redis_server.url, str(tmp_path / "locks"), 30.0)
     recovered = hybrid_manager(own_redis_server.url, str(tmp_path / "locks"), 30.0)
     lagging._went_down(LockBackendUnavailable("simulated outage", backend="redis"))
@@ -484,7 +485,7 @@ def unavailable_url(
 def test_cluster_node_replies_are_a_configuration_error(name: str, tmp_path: Path) -> None:
     """MOVED / ASK / CLUSTERDOWN to a plain client: LockConfigurationError naming the fix,
     from the plain manager and through the hybrid, which neither falls back nor opens its
-    circuit nor leaves its shadow file lock behind."""
+    circuit nor leaves its same-host mark (byte lock or shadow file lock) behind."""
     with FakeRespServer(CLUSTER_NODE[name]) as fake:
         plain = RedisLockManager.from_url(fake.url, socket_timeout=0.5)
         with pytest.raises(LockConfigurationError) as caught:
@@ -502,6 +503,8 @@ def test_cluster_node_replies_are_a_configuration_error(name: str, tmp_path: Pat
         assert not hybrid.using_fallback
         assert logs.count("celery_lock.hybrid", "WARNING") == 0
         assert not files.is_locked("k")
+        on_files = HybridLockManager(None, FileLockManager(tmp_path / "locks"))
+        assert on_files.acquire("k", ttl=30) is not None  # no mark keeps it out
 
 
 def test_unavailable_replies(
