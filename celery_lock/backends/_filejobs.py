@@ -48,9 +48,25 @@ from celery_lock.errors import LockError
 if TYPE_CHECKING:
     from celery_lock.backends.file import FileLockManager
 
-__all__ = ["LINE", "RESERVED", "Turn", "claim", "clean", "finish", "remove_waiter", "succeed"]
+__all__ = [
+    "LINE",
+    "RESERVED",
+    "Turn",
+    "Veto",
+    "claim",
+    "clean",
+    "finish",
+    "mark_done_alone",
+    "quiet",
+    "remove_waiter",
+    "succeed",
+]
 
 _log = logging.getLogger("celery_lock.file")
+
+#: ``veto(lock_name)``: True keeps a grant from files from writing its record (the hybrid's
+#: test for a Redis lease of this host, see ``_hostlocks``).
+Veto = Callable[[str], bool]
 
 #: Flag in a holder's or reservation's record: somebody queued behind it.
 LINE: Final = "w"
@@ -125,7 +141,7 @@ def claim(
     task_name: str | None,
     waiter: bytes | None,
     done_ttl: float,
-    veto: Callable[[str], bool] | None = None,
+    veto: Veto | None = None,
 ) -> Claim:
     """``FileLockManager._claim`` (see :meth:`LockManager.claim`; ``veto`` as in
     ``FileLockManager._try_acquire``)."""
@@ -186,7 +202,7 @@ def _claim_locked(
     task_name: str | None,
     waiter: bytes | None,
     done_ttl: float,
-    veto: Callable[[str], bool] | None,
+    veto: Veto | None,
 ) -> tuple[Claim, Turn | None]:
     files, size = manager._files, st.st_size
     data = _filerecord.read(fd, size)
@@ -290,6 +306,39 @@ def finish(
         raise manager._unavailable(exc, key) from exc
     manager._after_release(key, name, turn)
     return alive
+
+
+def quiet(manager: FileLockManager, key: str, task_id: str | None = None) -> bool:
+    """``FileLockManager._quiet``: True when ``key`` has no lease in files (its lock file is
+    absent or free, read under a shared flock) and ``task_id``, if given, no done marker. False
+    also when the files cannot tell (the hybrid then takes the shadow path, which reports why).
+    """
+    name = file_name(key)
+    files = manager._files
+    try:
+        if files.read(name) is not None:
+            return False
+        return task_id is None or not is_done(files.dir_fd, name, key, task_id, _time.time())
+    except (OSError, LockError):
+        return False
+
+
+def mark_done_alone(manager: FileLockManager, key: str, task_id: str, done_ttl: float) -> None:
+    """``FileLockManager._mark_done``: mark ``task_id`` of ``key`` finished in files, under the
+    key's lock file's flock (a Redis lease without a shadow whose finish Redis did not record).
+    """
+    name = file_name(key)
+    files = manager._files
+    try:
+        opened = files.open_locked(name, OPEN_CREATE, fcntl.LOCK_EX)
+        if opened is None or isinstance(opened, Foreign):
+            return
+        try:
+            mark_done(files.dir_fd, name, key, task_id, _time.time() + done_ttl)
+        finally:
+            unlock_close(opened[0])
+    except OSError as exc:
+        raise manager._unavailable(exc, key) from exc
 
 
 def remove_waiter(manager: FileLockManager, key: str, task_id: str) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import stat
 import struct
@@ -36,9 +37,12 @@ import weakref
 from typing import Final
 
 from celery_lock import _fork
+from celery_lock.backends._filerecord import file_name
 from celery_lock.backends._lockdir import OPEN_CREATE, close_quietly
 
-__all__ = ["NAME", "HostLocks", "for_directory", "offset"]
+__all__ = ["NAME", "NO_MARKS", "HostLocks", "Marks", "for_directory", "offset"]
+
+_log = logging.getLogger("celery_lock.hybrid")
 
 #: The file whose bytes are locked (never written: only its byte ranges matter).
 NAME: Final = ".hostlocks"
@@ -62,6 +66,35 @@ _tables_lock = threading.Lock()
 def offset(lock_name: str) -> int:
     """The byte of a key, from its lock file name (``sha256(key)`` in hex): 60 bits of hash."""
     return int(lock_name[:15], 16)
+
+
+class Marks:
+    """What a hybrid asks of the same-host marks; this base is "none here" (no byte locks of
+    open file descriptions: every Redis lease keeps a shadow lock file and nothing vetoes)."""
+
+    def mark(self, token: str, key: str) -> bool:  # noqa: ARG002 - the interface
+        """Mark the Redis lease ``token`` of ``key`` (granted or about to be asked for); False
+        when it is not marked (the hybrid then takes a shadow lock file)."""
+        return False
+
+    def drop(self, token: str) -> bool:  # noqa: ARG002 - the interface
+        """The lease ``token`` ended; returns whether it may hold a shadow lock file."""
+        return True
+
+    def add_shadow(self, token: str) -> None:
+        """The lease ``token`` also holds a shadow lock file."""
+
+    def has_shadow(self, token: str) -> bool:  # noqa: ARG002 - the interface
+        """False only for a lease known to hold no shadow lock file."""
+        return True
+
+    def held_key(self, key: str) -> bool:  # noqa: ARG002 - the interface
+        """True while a Redis lease on this host holds ``key``."""
+        return False
+
+
+#: The marks where there are none.
+NO_MARKS: Final = Marks()
 
 
 def for_directory(dir_fd: int) -> HostLocks | None:
@@ -101,7 +134,7 @@ def _forget_after_fork() -> None:
         table.after_fork()
 
 
-class HostLocks:
+class HostLocks(Marks):
     """The Redis leases of this process in one lock directory, each holding a shared byte.
 
     Leases are known by token, so any manager of this process on the directory can end one;
@@ -154,6 +187,21 @@ class HostLocks:
             self._fds.append(fd)
         return fd
 
+    def mark(self, token: str, key: str) -> bool:
+        try:
+            self.hold(token, offset(file_name(key)))
+        except OSError as exc:
+            _log.debug("same-host mark for %s failed: %s", key, exc)
+            return False
+        return True
+
+    def held_key(self, key: str) -> bool:
+        return self.held(offset(file_name(key)))
+
+    def held_name(self, lock_name: str) -> bool:
+        """``held`` for the key of the lock file ``lock_name`` (a veto of grants from files)."""
+        return self.held(offset(lock_name))
+
     def hold(self, token: str, byte: int) -> None:
         """Take ``byte`` for the Redis lease ``token`` (granted or about to be asked for).
 
@@ -170,12 +218,10 @@ class HostLocks:
             self._leases[token] = byte
 
     def add_shadow(self, token: str) -> None:
-        """The lease ``token`` also holds a shadow lock file."""
         if token in self._leases:
             self._shadowed.add(token)
 
     def has_shadow(self, token: str) -> bool:
-        """False only for a lease of this process known to hold no shadow lock file."""
         return token not in self._leases or token in self._shadowed
 
     def drop(self, token: str) -> bool:

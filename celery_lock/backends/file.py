@@ -17,7 +17,7 @@ import logging
 import os
 import time as _time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,17 +25,13 @@ from celery_lock import _identity
 from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
 from celery_lock.backends import _filejobs, _filerecord, _lockdir, _lockfiles
-from celery_lock.backends._filejobs import LINE, RESERVED, Turn
+from celery_lock.backends._filejobs import LINE, RESERVED, Turn, Veto
 from celery_lock.backends._filerecord import FENCE_LIMIT, MAX_BYTES, file_name, is_time
-from celery_lock.backends._jobstate import is_done, mark_done
 from celery_lock.backends._lockdir import OPEN_CREATE, OPEN_WRITE, unlock_close
 from celery_lock.backends._lockfiles import Entry, Foreign, LockFiles, is_stale
 from celery_lock.backends._notify import NotifyWaiter, Watches
 from celery_lock.backends._waitline import Lines
 from celery_lock.errors import LockBackendUnavailable, LockError
-
-#: ``veto(lock_name)``: True keeps a grant from files from writing its record.
-Veto = Callable[[str], bool]
 
 __all__ = ["FileLockManager"]
 
@@ -245,36 +241,6 @@ class FileLockManager(LockManager):
         self._after_release(key, name, turn)
         return alive
 
-    def _quiet(self, key: str, task_id: str | None = None) -> bool:
-        """True when ``key`` has no lease in files: its lock file is absent or free (read under a
-        shared flock), and ``task_id``, if given, has no done marker here. False also when the
-        files cannot tell (the hybrid then takes the full shadow path, which reports why)."""
-        name = file_name(key)
-        try:
-            if self._files.read(name) is not None:
-                return False
-            return task_id is None or not is_done(
-                self._files.dir_fd, name, key, task_id, _time.time()
-            )
-        except (OSError, LockError):
-            return False
-
-    def _mark_done(self, key: str, task_id: str, done_ttl: float) -> None:
-        """Mark ``task_id`` of ``key`` finished in files (a Redis lease without a shadow whose
-        finish Redis could not record), under the key's lock file's flock."""
-        name = file_name(key)
-        try:
-            opened = self._files.open_locked(name, OPEN_CREATE, fcntl.LOCK_EX)
-            if opened is None or isinstance(opened, Foreign):
-                return
-            fd, _ = opened
-            try:
-                mark_done(self._files.dir_fd, name, key, task_id, _time.time() + done_ttl)
-            finally:
-                unlock_close(fd)
-        except OSError as exc:
-            raise self._unavailable(exc, key) from exc
-
     def _owned_record(
         self, fd: int, st: os.stat_result, lease: Lease
     ) -> tuple[dict[str, Any] | None, bytes]:
@@ -302,6 +268,8 @@ class FileLockManager(LockManager):
     _finish = _filejobs.finish
     _remove_waiter = _filejobs.remove_waiter
     _waiting = _filejobs.waiting
+    _quiet = _filejobs.quiet
+    _mark_done = _filejobs.mark_done_alone
 
     @staticmethod
     def _boottime() -> float | None:

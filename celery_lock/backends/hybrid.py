@@ -17,12 +17,12 @@ from celery_lock._base import HandOff, LockManager, Waiter
 from celery_lock._types import Claim, CleanReport, Lease, LockInfo
 from celery_lock._validate import check_ttl
 from celery_lock.backends import _hostlocks
-from celery_lock.backends._filerecord import file_name
 from celery_lock.errors import LockBackendUnavailable
 from celery_lock.modes import LockMode
 
 if TYPE_CHECKING:
-    from celery_lock.backends.file import FileLockManager, Veto
+    from celery_lock.backends._filejobs import Veto
+    from celery_lock.backends.file import FileLockManager
     from celery_lock.backends.redis import RedisLockManager
 
 __all__ = ["HybridLockManager"]
@@ -113,11 +113,11 @@ class HybridLockManager(LockManager):
         self._unreleased: collections.deque[tuple[Lease, tuple[float, bool] | None]] = (
             collections.deque(maxlen=4096)
         )
-        #: Same-host marks of Redis leases, asked by grants from files too (None: shadow lock
-        #: files instead, or no files at all).
-        self._host = _hostlocks.for_directory(file._files.dir_fd) if file is not None else None
+        #: Same-host marks of Redis leases, asked by grants from files too (see _hostlocks).
+        host = _hostlocks.for_directory(file._files.dir_fd) if file is not None else None
+        self._marks = host or _hostlocks.NO_MARKS
         #: What grants from files ask before they write (None: nothing to ask).
-        self._veto: Veto | None = self._veto_name if self._host is not None else None
+        self._veto: Veto | None = host.held_name if host is not None else None
         _hybrids.add(self)
 
     @property
@@ -306,7 +306,7 @@ class HybridLockManager(LockManager):
             # double grant across a transition, in either direction (a check without the
             # mark first would leave a window open: check-then-act).
             shadow = None
-            marked = self._mark(token, key)
+            marked = self._marks.mark(token, key)
             if file is not None and not (marked and file._quiet(key)):
                 try:
                     shadow = file._try_acquire(key, ttl, token, task_id, task_name)
@@ -316,20 +316,20 @@ class HybridLockManager(LockManager):
                     file = None
                 else:
                     if shadow is None:
-                        self._unmark(token)
+                        self._marks.drop(token)
                         return None  # held in files on this host
-                    self._add_shadow(token)
+                    self._marks.add_shadow(token)
             try:
                 lease = self._via_redis(
                     lambda: redis._try_acquire(key, ttl, token, task_id, task_name)
                 )
             except LockBackendUnavailable as exc:
-                self._unmark(token)
+                self._marks.drop(token)
                 if shadow is not None and file is not None:
                     # Redis just failed: the shadow is the fallback lease (with the file
                     # manager's default ttl when the caller gave none), unless a Redis lease
                     # of this host holds the key.
-                    if self._vetoed(key):
+                    if self._marks.held_key(key):
                         self._release_shadow(shadow)
                         return None
                     if getattr(self._call, "ttl_defaulted", False):
@@ -338,13 +338,13 @@ class HybridLockManager(LockManager):
                 error = exc
             except BaseException:
                 # Not an outage (LockConfigurationError...): no lease, so no mark either.
-                self._unmark(token)
+                self._marks.drop(token)
                 if shadow is not None:
                     self._release_shadow(shadow)
                 raise
             else:
                 if lease is None:
-                    self._unmark(token)
+                    self._marks.drop(token)
                     if shadow is not None:
                         self._release_shadow(shadow)
                 return lease
@@ -353,41 +353,6 @@ class HybridLockManager(LockManager):
             # The backend is chosen here, per attempt, so its default is applied here too.
             ttl = file.default_ttl
         return file._try_acquire(key, ttl, token, task_id, task_name, self._veto)
-
-    # ------------------------------------------------------------ same-host marks
-
-    def _mark(self, token: str, key: str) -> bool:
-        """Take the same-host byte of a Redis lease about to be asked for; False where there is
-        none (no table, or it failed: the shadow file lock stands in)."""
-        host = self._host
-        if host is None:
-            return False
-        try:
-            host.hold(token, _hostlocks.offset(file_name(key)))
-        except OSError as exc:
-            self._log.debug("same-host mark for %s failed: %s", key, exc)
-            return False
-        return True
-
-    def _unmark(self, token: str) -> bool:
-        """Let go of the byte of ``token``; True when the lease may hold a shadow file."""
-        host = self._host
-        return True if host is None else host.drop(token)
-
-    def _add_shadow(self, token: str) -> None:
-        if self._host is not None:
-            self._host.add_shadow(token)
-
-    def _has_shadow(self, token: str) -> bool:
-        return self._host is None or self._host.has_shadow(token)
-
-    def _veto_name(self, name: str) -> bool:
-        host = self._host
-        return host is not None and host.held(_hostlocks.offset(name))
-
-    def _vetoed(self, key: str) -> bool:
-        """True when a Redis lease of this host holds ``key`` (our own mark is gone)."""
-        return self._veto is not None and self._veto_name(file_name(key))
 
     def _release_shadow(
         self, lease: Lease, finished: tuple[float, bool] | None = None, marked: bool = False
@@ -442,7 +407,7 @@ class HybridLockManager(LockManager):
         error: LockBackendUnavailable | None = None
         if redis is not None:
             shadow = None
-            marked = self._mark(token, key)
+            marked = self._marks.mark(token, key)
             if file is not None and not (marked and file._quiet(key, task_id)):
                 try:
                     in_files = file._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
@@ -451,18 +416,18 @@ class HybridLockManager(LockManager):
                     file = None
                 else:
                     if in_files.lease is None:
-                        self._unmark(token)
+                        self._marks.drop(token)
                         return in_files  # held (or finished) in files on this host
                     shadow = in_files.lease
-                    self._add_shadow(token)
+                    self._marks.add_shadow(token)
             try:
                 claim = self._via_redis(
                     lambda: redis._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
                 )
             except LockBackendUnavailable as exc:
-                self._unmark(token)
+                self._marks.drop(token)
                 if shadow is not None and file is not None:
-                    if self._vetoed(key):
+                    if self._marks.held_key(key):
                         self._release_shadow(shadow)
                         return Claim("held")
                     if getattr(self._call, "ttl_defaulted", False):
@@ -470,13 +435,13 @@ class HybridLockManager(LockManager):
                     return Claim("granted", shadow)
                 error = exc
             except BaseException:
-                self._unmark(token)
+                self._marks.drop(token)
                 if shadow is not None:
                     self._release_shadow(shadow)
                 raise
             else:
                 if claim.lease is None:
-                    self._unmark(token)
+                    self._marks.drop(token)
                     if shadow is not None:
                         self._release_shadow(shadow)
                 return claim
@@ -550,7 +515,7 @@ class HybridLockManager(LockManager):
                 released = False
         # The mark last: the shadow's release hands the key to a same-host job waiting in the
         # file line, whose claim must then find the Redis lock ended too.
-        if self._unmark(lease.token):
+        if self._marks.drop(lease.token):
             self._release_shadow(lease, finished, marked=released)
         elif finished is not None and finished[1] and not released and self._file is not None:
             # No shadow, and Redis did not record the job as done: the files do, so that a
@@ -577,7 +542,7 @@ class HybridLockManager(LockManager):
                 backend="redis",
             )
         renewed = self._via_redis(lambda: manager._extend(lease, ttl))
-        if renewed is not None and self._file is not None and self._has_shadow(lease.token):
+        if renewed is not None and self._file is not None and self._marks.has_shadow(lease.token):
             with contextlib.suppress(LockBackendUnavailable):
                 # Best effort, like the shadow itself: Redis decides whether the lease lives.
                 self._file._extend(dataclasses.replace(lease, backend="file"), ttl)
