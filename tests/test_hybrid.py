@@ -260,6 +260,17 @@ def test_hybrid_contention_six_processes(redis_server: RedisServer, tmp_path: Pa
     assert set(result.backends) == {"redis"}
 
 
+def _files_keep_redis_out(
+    hybrid: HybridLockManager, on_files: HybridLockManager, redis: RedisLockManager
+) -> None:
+    """A key held in files on this host is not granted from Redis, nor asked of Redis."""
+    held = on_files.acquire("k")
+    assert held is not None
+    assert hybrid.acquire("k") is None
+    assert not redis.is_locked("k")
+    assert on_files.release(held)
+
+
 def test_redis_lease_marks_the_key_on_this_host_without_a_file(parts) -> None:
     """While serving from Redis the hybrid marks each lease on this host (a shared byte lock of
     .hostlocks), so a same-host process that sees Redis as down (a file-only view of the same
@@ -276,11 +287,7 @@ def test_redis_lease_marks_the_key_on_this_host_without_a_file(parts) -> None:
     assert renewed is not None
     assert hybrid.release(renewed)
     assert not file.is_locked("k") and not redis.is_locked("k")
-    held = on_files.acquire("k")
-    assert held is not None
-    assert hybrid.acquire("k") is None  # held in files on this host: not granted from Redis
-    assert not redis.is_locked("k")  # and Redis was not even asked to hold it
-    assert on_files.release(held)
+    _files_keep_redis_out(hybrid, on_files, redis)
     # A free lock file left behind does not stop the mark from standing alone.
     again = hybrid.claim("k", task_id="t1", ttl=5).lease
     assert again is not None and again.backend == "redis" and not file.is_locked("k")
@@ -309,11 +316,7 @@ def test_without_byte_locks_a_redis_lease_holds_a_shadow_file_lock(
     assert file.inspect("k").expires_at > lease.expires_at + 30  # type: ignore[union-attr]
     assert hybrid.release(renewed)
     assert not file.is_locked("k") and not redis.is_locked("k")
-    held = on_files.acquire("k")
-    assert held is not None
-    assert hybrid.acquire("k") is None  # held in files on this host: not granted from Redis
-    assert not redis.is_locked("k")  # and Redis was not even asked to hold it
-    assert on_files.release(held)
+    _files_keep_redis_out(hybrid, on_files, redis)
 
 
 def test_a_job_finished_in_files_is_found_by_a_redis_claim(parts) -> None:
