@@ -279,6 +279,7 @@ class LockManager(abc.ABC):
         task_name: str | None = None,
         waiter: bytes | None = None,
         done_ttl: float = DONE_TTL,
+        waits: bool = False,
     ) -> Claim:
         """One attempt to take ``key`` for the job ``task_id`` (a Celery task id); never waits.
 
@@ -297,6 +298,9 @@ class LockManager(abc.ABC):
         ``"held"`` where others answer ``"queued"``.
 
         :param done_ttl: seconds a waiter line lives without activity.
+        :param waits: without ``waiter``: the job will wait in line if the key is held (it
+            claims again with its payload), so a publish-time coalescing marker naming it
+            stays meanwhile and identical calls keep being handed this job.
         :raises LockBackendUnavailable: when the store cannot be reached (fail-closed managers).
         """
         check_key(key)
@@ -305,9 +309,9 @@ class LockManager(abc.ABC):
         if waiter is not None and not isinstance(waiter, bytes):
             raise TypeError(f"waiter must be bytes or None, got {type(waiter).__name__}")
         ttl_s = self._default_ttl if ttl is None else check_ttl(ttl)
-        claim = self._claim(
-            key, ttl_s, secrets.token_hex(16), task_id, task_name, waiter, check_ttl(done_ttl)
-        )
+        token = secrets.token_hex(16)
+        done_s = check_ttl(done_ttl)
+        claim = self._claim(key, ttl_s, token, task_id, task_name, waiter, done_s, waits=waits)
         lease = claim.lease
         if lease is not None:
             if lease.pid is None or lease.task_id != task_id:
@@ -379,6 +383,8 @@ class LockManager(abc.ABC):
         task_name: str | None,
         waiter: bytes | None,  # noqa: ARG002 - no waiter line in the generic version
         done_ttl: float,  # noqa: ARG002
+        *,
+        waits: bool = False,  # noqa: ARG002 - nor coalescing markers
     ) -> Claim:
         """The generic claim: a plain attempt; backends with a waiter line override it."""
         lease = self._try_acquire(key, ttl, token, task_id, task_name)

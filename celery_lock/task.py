@@ -309,8 +309,15 @@ class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs
         task_id: str = request.id or ""
         done_ttl = _get_settings(self.app).done_ttl
         try:
+            # QUEUE: if held, this job waits in line (a second claim gives the payload, built
+            # only then); a coalescing marker naming it must stay meanwhile.
             claim: Claim = manager.claim(
-                call.key, task_id=task_id, ttl=options.ttl, task_name=self.name, done_ttl=done_ttl
+                call.key,
+                task_id=task_id,
+                ttl=options.ttl,
+                task_name=self.name,
+                done_ttl=done_ttl,
+                waits=options.mode is LockMode.QUEUE,
             )
             if claim.outcome == "held" and (
                 options.mode is LockMode.QUEUE or claim.holder_task_id == task_id

@@ -119,3 +119,29 @@ def test_a_failing_hand_off_is_logged_and_the_release_stands(
     jobs.claim("k", task_id="b", ttl=30, waiter=b"b")
     assert jobs.release(held)
     assert any("could not wake waiter b" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("backend", ["redis", "hybrid"])
+def test_a_held_claim_of_a_job_that_will_wait_keeps_its_coalescing_marker(
+    backend: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A QUEUE job's first claim carries no payload (it is built only when the key is held):
+    its publish-time coalescing marker must survive that claim, or identical calls published
+    before its second claim (with the payload) are published anew instead of handed this job."""
+    redis = RedisLockManager.from_url(redis_server.url_db(9), prefix="co-" + uuid.uuid4().hex[:8])
+    jobs: LockManager = (
+        redis if backend == "redis" else HybridLockManager(redis, FileLockManager(tmp_path / "l"))
+    )
+    for key in ("k", "k2"):
+        assert jobs.claim(key, task_id="a", ttl=30).outcome == "granted"
+    assert redis.coalesce("k", "b", running=False, ttl=30) is None  # reserved for b...
+    assert redis.reveal("k", "b", published=True)  # ...and visible once b is published
+    assert jobs.claim("k", task_id="b", ttl=30, waits=True).outcome == "held"
+    assert redis.coalesce("k", "c", running=False, ttl=30) == "b"
+    assert jobs.claim("k", task_id="b", ttl=30, waiter=b"wake-b").outcome == "queued"
+    assert redis.coalesce("k", "c", running=False, ttl=30) == "b"
+    # A job that will not wait (an EXECUTION duplicate, skipped) ends its marker.
+    assert redis.coalesce("k2", "d", running=False, ttl=30) is None
+    assert redis.reveal("k2", "d", published=True)
+    assert jobs.claim("k2", task_id="d", ttl=30).outcome == "held"
+    assert redis.coalesce("k2", "e", running=False, ttl=30) is None

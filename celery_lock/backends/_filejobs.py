@@ -142,6 +142,8 @@ def claim(
     waiter: bytes | None,
     done_ttl: float,
     veto: Veto | None = None,
+    *,
+    waits: bool = False,  # noqa: ARG001 - files keep no coalescing markers
 ) -> Claim:
     """``FileLockManager._claim`` (see :meth:`LockManager.claim`; ``veto`` as in
     ``FileLockManager._try_acquire``)."""

@@ -70,6 +70,8 @@ class RedisJobs:
         task_name: str | None,
         waiter: bytes | None,
         done_ttl: float,
+        *,
+        waits: bool = False,
     ) -> Claim:
         name = self._name(key)
         now = _time.time()
@@ -88,7 +90,7 @@ class RedisJobs:
             ttl_ms,
             max(ttl_ms * 2, MIN_FENCE_TTL_MS),
             task_id,
-            "0" if waiter is None else "1",
+            "1" if waiter is not None else "k" if waits else "0",
             b"" if waiter is None else waiter,
             math.ceil(done_ttl * 1000),
             math.ceil(ttl * 1000),
@@ -119,7 +121,7 @@ class RedisJobs:
             return Claim("granted", self._replicated(lease))
         holder = self._holder_task_id(reply[2])
         if code == 0 and self._break_if_dead(key, name, reply[2]):
-            return self._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
+            return self._claim(key, ttl, token, task_id, task_name, waiter, done_ttl, waits=waits)
         return Claim("queued" if code == 4 else "held", None, holder)
 
     def _finish(self, lease: Lease, done_ttl: float, mark: bool) -> bool:

@@ -125,11 +125,12 @@ CLAIM: Final = _lua(
 -- KEYS[1] lock key, KEYS[2] fence counter, KEYS[3] line, KEYS[4] wake-ups,
 -- KEYS[5] done marker of this task id, KEYS[6] coalescing marker (all under one hash tag)
 -- ARGV[1] token, ARGV[2] metadata, ARGV[3] ttl (ms), ARGV[4] fence counter ttl (ms),
--- ARGV[5] task id, ARGV[6] '1' to wait in line when held, ARGV[7] payload, ARGV[8] line ttl (ms),
+-- ARGV[5] task id, ARGV[6] '1' to wait in line when held, 'k' when the job will (it claims
+-- again with its payload), '0' when it will not; ARGV[7] payload, ARGV[8] line ttl (ms),
 -- ARGV[9] coalescing marker ttl (ms)
 -- returns {3} the task id already finished; {1, fence} granted; {2, fence} already ours;
 --         {0, pttl, value} held; {4, pttl, value} held, and the job waits in line
--- A coalescing marker naming this job ends here, unless the job waits in line (still waiting).
+-- A coalescing marker naming this job ends here, unless the job waits (or will wait) in line.
 local marker = redis.call('GET', KEYS[6])
 if marker and string.sub(marker, 3) == ARGV[5] then
   redis.call('DEL', KEYS[6])
@@ -157,6 +158,9 @@ end
 if value then
   local pttl = redis.call('PTTL', KEYS[1])
   if ARGV[6] ~= '1' then
+    if marker and ARGV[6] == 'k' then
+      redis.call('SET', KEYS[6], 'v ' .. ARGV[5], 'PX', ARGV[9])
+    end
     return {0, pttl, value}
   end
   -- In line once per task id (a later copy replaces the payload, keeping the place).

@@ -393,6 +393,8 @@ class HybridLockManager(LockManager):
         task_name: str | None,
         waiter: bytes | None,
         done_ttl: float,
+        *,
+        waits: bool = False,
     ) -> Claim:
         """Like ``_try_acquire``: the same-host mark (or shadow in files), then the claim in
         Redis.
@@ -422,7 +424,9 @@ class HybridLockManager(LockManager):
                     self._marks.add_shadow(token)
             try:
                 claim = self._via_redis(
-                    lambda: redis._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
+                    lambda: redis._claim(
+                        key, ttl, token, task_id, task_name, waiter, done_ttl, waits=waits
+                    )
                 )
             except LockBackendUnavailable as exc:
                 self._marks.drop(token)
