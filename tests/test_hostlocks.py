@@ -107,3 +107,56 @@ def test_bytes_are_counted_per_lease(lock_dir: Path) -> None:
     table.drop("b")
     assert _in_child(lambda: not _table(FileLockManager(lock_dir)).held(7)) == 0
     assert table.drop("b") is True  # unknown token: nothing to unlock, "may have a shadow"
+
+
+def test_a_retry_with_the_same_token_holds_the_byte_once(lock_dir: Path) -> None:
+    table = _table(FileLockManager(lock_dir))
+    table.hold("t", 9)
+    table.hold("t", 9)  # the same attempt again: not a second lease
+    assert table.drop("t") is False
+    assert _in_child(lambda: not _table(FileLockManager(lock_dir)).held(9)) == 0
+
+
+@pytest.mark.parametrize("planted", ["symlink", "directory", "fifo"])
+def test_a_planted_hostlocks_entry_falls_back_to_shadow_files(lock_dir: Path, planted: str) -> None:
+    """Something not a regular file under .hostlocks (never followed, never used): no byte
+    marks for that directory, and the hybrid keeps a shadow lock file beside each lease."""
+    file = FileLockManager(lock_dir)
+    path = lock_dir / _hostlocks.NAME
+    if planted == "symlink":
+        path.symlink_to(lock_dir / "elsewhere")
+    elif planted == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    assert _hostlocks.for_directory(file._files.dir_fd) is None
+    hybrid = HybridLockManager(None, file)
+    assert hybrid._marks is _hostlocks.NO_MARKS
+    assert not (lock_dir / "elsewhere").exists()
+
+
+def test_a_table_knows_when_its_directory_is_gone(tmp_path: Path) -> None:
+    """A removed directory's table is not handed out for a new directory that got the same
+    inode number."""
+    gone = tmp_path / "gone"
+    file = FileLockManager(gone)
+    table = _table(file)
+    assert table.linked()
+    (gone / _hostlocks.NAME).unlink()
+    gone.rmdir()
+    assert not table.linked()
+
+
+def test_an_unanswerable_test_counts_as_held(
+    lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the byte cannot be tested, a grant from files backs out rather than risk a double
+    grant."""
+    table = _table(FileLockManager(lock_dir))
+
+    def broken(*args: object) -> bytes:
+        raise OSError("simulated failure")
+
+    monkeypatch.setattr(_hostlocks.fcntl, "fcntl", broken)
+    assert table.held(12345) is True
+    assert table.mark("token", "k") is False  # the hybrid then takes a shadow lock file

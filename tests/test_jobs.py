@@ -11,18 +11,23 @@ from typing import Any
 import pytest
 
 from celery_lock import FileLockManager, HybridLockManager, LockManager, RedisLockManager
+from celery_lock.backends import _hostlocks
 from tests._redis_server import RedisServer
 from tests.reliability._harness import dead_url
 
 pytestmark = pytest.mark.redis
 
-BACKENDS = ["redis", "file", "hybrid", "hybrid-down"]
+#: hybrid-shadow: the hybrid where byte locks of open file descriptions do not exist (a shadow
+#: lock file beside each Redis lease).
+BACKENDS = ["redis", "file", "hybrid", "hybrid-shadow", "hybrid-down"]
 
 
 @pytest.fixture(params=BACKENDS)
 def manager(
     request: pytest.FixtureRequest, redis_server: RedisServer, tmp_path: Path
 ) -> tuple[LockManager, list[tuple[str, str, bytes]]]:
+    if request.param == "hybrid-shadow":
+        request.getfixturevalue("monkeypatch").setattr(_hostlocks, "_SUPPORTED", False)
     prefix = "jobs-" + uuid.uuid4().hex[:8]
     url = dead_url() if request.param == "hybrid-down" else redis_server.url_db(9)
     redis = RedisLockManager.from_url(url, prefix=prefix)
@@ -31,6 +36,7 @@ def manager(
         "redis": redis,
         "file": files,
         "hybrid": HybridLockManager(redis, files),
+        "hybrid-shadow": HybridLockManager(redis, files),
         "hybrid-down": HybridLockManager(redis, files, retry_interval=60),
     }[request.param]
     handed: list[tuple[str, str, bytes]] = []
