@@ -165,6 +165,33 @@ def test_clean_drops_expired_job_state(manager: FileLockManager) -> None:
     assert sorted(p.name for p in manager.directory.iterdir() if not p.name.startswith(".")) == []
 
 
+def test_clean_removes_stale_temp_and_unreadable_state_files_and_expired_lines(
+    manager: FileLockManager,
+) -> None:
+    """Leftovers of a writer that died mid-replace (temp files), state files nobody can read
+    (after the grace) and a line whose waiters all expired: the cleaner removes them all and
+    keeps fresh ones."""
+    lease = held_by(manager, "a")
+    manager.claim(KEY, task_id="b", waiter=b"B", done_ttl=0.05)
+    stem = file_name(KEY)[:-5]
+    directory = manager.directory
+    temp = directory / f"{stem}.jobs.{'0' * 16}.tmp"
+    unreadable = directory / f"{stem}.{'1' * 16}.done"
+    fresh = directory / f"{stem}.{'2' * 16}.done"
+    for path in (temp, unreadable, fresh):
+        path.write_text("not a state file")
+    old = time.time() - 60
+    for path in (temp, unreadable):
+        os.utime(path, (old, old))
+    time.sleep(0.1)
+    manager.clean()
+    assert not temp.exists() and not unreadable.exists()
+    assert fresh.exists()  # unreadable, but within the grace: a writer may be at work
+    assert manager.waiting(KEY) == []
+    assert not (directory / f"{stem}.jobs").exists()
+    assert manager.release(lease)
+
+
 # ---------------------------------------------------------------------------- reservations
 
 

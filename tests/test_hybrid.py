@@ -17,6 +17,7 @@ from celery_lock import (
     RedisLockManager,
 )
 from celery_lock.backends import _hostlocks
+from celery_lock.backends._filerecord import file_name
 from tests._contention import run_contention
 from tests._redis_server import RedisServer
 from tests._workers import wait_for
@@ -415,3 +416,35 @@ def test_open_circuit_keeps_redis_leases_off_the_callers_path(
     wait_for(lambda: not hybrid.using_fallback, timeout=5, what="recovery")
     assert releases == [1]  # by the probe, before the circuit closed
     assert not redis.is_locked("k")
+
+
+def test_redis_failing_under_a_shadow_falls_back_to_it_unless_the_key_is_marked(
+    marked_parts,
+) -> None:
+    """A key whose lock file is not free (here a lapsed file lease) takes the shadow path. If
+    Redis then fails, the shadow becomes the fallback lease, with the file manager's default
+    ttl when none was given, unless a Redis lease of this host marks the key."""
+    server, redis, file = marked_parts
+    server.connected = False
+    byte = _hostlocks.offset(file_name("k"))
+
+    def fresh() -> HybridLockManager:
+        lapsed = file.acquire("k", ttl=0.05)
+        assert lapsed is not None
+        time.sleep(0.1)
+        return HybridLockManager(redis, file, retry_interval=60)  # its circuit is closed
+
+    hybrid = fresh()
+    table = hybrid._marks
+    assert isinstance(table, _hostlocks.HostLocks)
+    table.hold("elsewhere", byte)
+    try:
+        assert hybrid.acquire("k") is None
+        assert fresh().claim("k", task_id="t1", ttl=5).outcome == "held"
+    finally:
+        table.drop("elsewhere")
+    lease = fresh().acquire("k")
+    assert lease is not None and lease.backend == "file" and lease.ttl == file.default_ttl
+    assert file.release(lease)
+    claim = fresh().claim("k", task_id="t2")
+    assert claim.lease is not None and claim.lease.backend == "file"
