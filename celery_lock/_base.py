@@ -9,13 +9,12 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import secrets
 import time as _time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from celery_lock import _identity
+from celery_lock import _fork, _identity
 from celery_lock._types import Claim, CleanReport, Lease, LockInfo
 from celery_lock._validate import check_key, check_timeout, check_ttl
 from celery_lock.errors import LockLost, LockNotAcquired
@@ -475,7 +474,7 @@ class LockManager(abc.ABC):
                     return None
                 # Jittered, growing delay so contenders do not poll in lockstep; a release
                 # signal cuts the wait short.
-                if waiter.wait(min(remaining, delay * random.uniform(0.5, 1.0))):  # noqa: S311
+                if waiter.wait(min(remaining, delay * _fork.jitter())):
                     delay = self.poll_min
                 else:
                     delay = min(delay * 1.6, waiter.poll_max or self.poll_max)

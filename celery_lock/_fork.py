@@ -5,16 +5,18 @@ A process forked while another thread held one of our mutexes, a socket or an in
 must not use the parent's copy: a mutex could stay locked for ever, a shared socket would mix two
 conversations. Objects that must not cross a fork remember :func:`generation` when they are made
 and compare it before use (cheaper than ``os.getpid()``, which is a system call); module state is
-reset by a callback registered with :func:`in_child`.
+reset by a callback registered with :func:`in_child`. The jitter stream lives here too: it is
+reseeded in every child.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["generation", "in_child"]
+__all__ = ["generation", "in_child", "jitter"]
 
 _F = TypeVar("_F", bound=Callable[[], None])
 
@@ -33,9 +35,21 @@ def in_child(callback: _F) -> _F:
     return callback
 
 
+#: Our own random stream for jitter: the global one belongs to the application (a seeded app,
+#: or hypothesis, must not see it move when a lock waits), reseeded in every forked child so
+#: that worker processes do not wait in step.
+_rng = random.Random()  # noqa: S311 - jitter, not secrets
+
+
+def jitter() -> float:
+    """A factor in [0.5, 1.0] that spreads waits (one per call)."""
+    return _rng.uniform(0.5, 1.0)
+
+
 def _after_fork_in_child() -> None:
     global _generation  # noqa: PLW0603 - one counter per process by design
     _generation += 1
+    _rng.seed()
     for callback in _callbacks:
         callback()
 

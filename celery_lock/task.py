@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import random
 import time as _time
 import types
 from typing import TYPE_CHECKING, Any, ClassVar, Final, NoReturn
@@ -33,7 +32,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.log import get_logger
 
-from celery_lock import _coalesce, _wakeup
+from celery_lock import _coalesce, _fork, _wakeup
 from celery_lock._calls import (
     HELD,
     REQUEUES_HEADER,
@@ -83,7 +82,7 @@ def requeue_countdown(base: float, requeues: int, visibility_timeout: float) -> 
     lockstep.
     """
     grown = base * (1 << min(requeues, _GROWTH_CAP_EXPONENT))
-    return min(grown, visibility_timeout / 4) * random.uniform(0.5, 1.0)  # noqa: S311
+    return min(grown, visibility_timeout / 4) * _fork.jitter()
 
 
 class LockedTask(Task):  # type: ignore[type-arg]  # generic only in the stubs

@@ -7,12 +7,14 @@ import json
 import logging
 import os
 import pickle
+import random
 import threading
 import time
 
 import pytest
 
-from celery_lock import Lease, LockLost, LockMode, LockNotAcquired
+from celery_lock import Lease, LockLost, LockMode, LockNotAcquired, _fork
+from celery_lock.task import requeue_countdown
 from tests._memory import MemoryLockManager
 
 
@@ -228,3 +230,38 @@ def test_leases_record_the_acquiring_process_on_every_path() -> None:
     assert waited is not None and waited.pid == os.getpid()
     renewed = m.extend(waited)
     assert renewed is not None and renewed.pid == os.getpid()
+
+
+def test_waiting_leaves_the_applications_random_stream_alone(tmp_path: object) -> None:
+    """Jitter comes from our own stream: a seeded application (or hypothesis, which fails a
+    test whose strategies see the global stream move) is not disturbed by a waiting lock."""
+    from pathlib import Path
+
+    from celery_lock import FileLockManager
+
+    manager = FileLockManager(Path(str(tmp_path)) / "locks")
+    held = manager.acquire("k", ttl=30)
+    assert held is not None
+    random.seed(7)
+    expected = [random.random() for _ in range(3)]
+    random.seed(7)
+    assert manager.acquire("k", mode=LockMode.QUEUE, timeout=0.1) is None  # jittered polls
+    assert requeue_countdown(1.0, 2, 3600.0) > 0
+    assert [random.random() for _ in range(3)] == expected
+    assert manager.release(held)
+
+
+def test_forked_children_do_not_jitter_in_step() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.write(write, repr(_fork.jitter()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)  # the child's end only: a child that wrote nothing reads as b""
+    os.waitpid(pid, 0)
+    data = os.read(read, 64)
+    os.close(read)
+    assert data, "the child could not draw a jitter factor"
+    assert float(data) != _fork.jitter()

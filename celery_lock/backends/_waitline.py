@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -145,7 +144,7 @@ def _contend(
                 return None
             # Jittered, growing delay: leaders in other processes must not poll in lockstep;
             # a release cuts the wait short.
-            if waiter.wait(min(remaining, delay * random.uniform(0.5, 1.0))):  # noqa: S311
+            if waiter.wait(min(remaining, delay * _fork.jitter())):
                 delay = poll_min
             else:
                 delay = min(delay * 1.6, poll_max)
