@@ -10,10 +10,11 @@ import pickle
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from celery_lock import Lease, LockLost, LockMode, LockNotAcquired, _fork
+from celery_lock import FileLockManager, Lease, LockLost, LockMode, LockNotAcquired, _fork
 from celery_lock.task import requeue_countdown
 from tests._memory import MemoryLockManager
 
@@ -232,14 +233,10 @@ def test_leases_record_the_acquiring_process_on_every_path() -> None:
     assert renewed is not None and renewed.pid == os.getpid()
 
 
-def test_waiting_leaves_the_applications_random_stream_alone(tmp_path: object) -> None:
+def test_waiting_leaves_the_applications_random_stream_alone(tmp_path: Path) -> None:
     """Jitter comes from our own stream: a seeded application (or hypothesis, which fails a
     test whose strategies see the global stream move) is not disturbed by a waiting lock."""
-    from pathlib import Path
-
-    from celery_lock import FileLockManager
-
-    manager = FileLockManager(Path(str(tmp_path)) / "locks")
+    manager = FileLockManager(tmp_path / "locks")
     held = manager.acquire("k", ttl=30)
     assert held is not None
     random.seed(7)

@@ -159,4 +159,4 @@ def test_an_unanswerable_test_counts_as_held(
 
     monkeypatch.setattr(_hostlocks.fcntl, "fcntl", broken)
     assert table.held(12345) is True
-    assert table.mark("token", "k") is False  # the hybrid then takes a shadow lock file
+    assert table.mark("token", file_name("k")) is False  # the hybrid then takes a shadow lock file

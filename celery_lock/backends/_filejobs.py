@@ -310,12 +310,12 @@ def finish(
     return alive
 
 
-def quiet(manager: FileLockManager, key: str, task_id: str | None = None) -> bool:
-    """``FileLockManager._quiet``: True when ``key`` has no lease in files (its lock file is
-    absent or free, read under a shared flock) and ``task_id``, if given, no done marker. False
-    also when the files cannot tell (the hybrid then takes the shadow path, which reports why).
+def quiet(manager: FileLockManager, key: str, name: str, task_id: str | None = None) -> bool:
+    """``FileLockManager._quiet``: True when ``key`` (lock file ``name``) has no lease in files
+    (its lock file is absent or free, read under a shared flock) and ``task_id``, if given, no
+    done marker. False also when the files cannot tell (the hybrid then takes the shadow path,
+    which reports why).
     """
-    name = file_name(key)
     files = manager._files
     try:
         if files.read(name) is not None:

@@ -37,7 +37,6 @@ import weakref
 from typing import Final
 
 from celery_lock import _fork
-from celery_lock.backends._filerecord import file_name
 from celery_lock.backends._lockdir import OPEN_CREATE, close_quietly
 
 __all__ = ["NAME", "NO_MARKS", "HostLocks", "Marks", "for_directory", "offset"]
@@ -72,9 +71,10 @@ class Marks:
     """What a hybrid asks of the same-host marks; this base is "none here" (no byte locks of
     open file descriptions: every Redis lease keeps a shadow lock file and nothing vetoes)."""
 
-    def mark(self, token: str, key: str) -> bool:  # noqa: ARG002 - the interface
-        """Mark the Redis lease ``token`` of ``key`` (granted or about to be asked for); False
-        when it is not marked (the hybrid then takes a shadow lock file)."""
+    def mark(self, token: str, lock_name: str) -> bool:  # noqa: ARG002 - the interface
+        """Mark the Redis lease ``token`` of the key whose lock file is ``lock_name`` (granted
+        or about to be asked for); False when it is not marked (the hybrid then takes a shadow
+        lock file)."""
         return False
 
     def drop(self, token: str) -> bool:  # noqa: ARG002 - the interface
@@ -88,8 +88,9 @@ class Marks:
         """False only for a lease known to hold no shadow lock file."""
         return True
 
-    def held_key(self, key: str) -> bool:  # noqa: ARG002 - the interface
-        """True while a Redis lease on this host holds ``key``."""
+    def held_name(self, lock_name: str) -> bool:  # noqa: ARG002 - the interface
+        """True while a Redis lease on this host holds the key of the lock file ``lock_name``
+        (also the veto of grants from files)."""
         return False
 
 
@@ -187,19 +188,15 @@ class HostLocks(Marks):
             self._fds.append(fd)
         return fd
 
-    def mark(self, token: str, key: str) -> bool:
+    def mark(self, token: str, lock_name: str) -> bool:
         try:
-            self.hold(token, offset(file_name(key)))
+            self.hold(token, offset(lock_name))
         except OSError as exc:
-            _log.debug("same-host mark for %s failed: %s", key, exc)
+            _log.debug("same-host mark for %s failed: %s", lock_name, exc)
             return False
         return True
 
-    def held_key(self, key: str) -> bool:
-        return self.held(offset(file_name(key)))
-
     def held_name(self, lock_name: str) -> bool:
-        """``held`` for the key of the lock file ``lock_name`` (a veto of grants from files)."""
         return self.held(offset(lock_name))
 
     def hold(self, token: str, byte: int) -> None:

@@ -17,11 +17,11 @@ from celery_lock._base import HandOff, LockManager, Waiter
 from celery_lock._types import Claim, CleanReport, Lease, LockInfo
 from celery_lock._validate import check_ttl
 from celery_lock.backends import _hostlocks
+from celery_lock.backends._filerecord import file_name
 from celery_lock.errors import LockBackendUnavailable
 from celery_lock.modes import LockMode
 
 if TYPE_CHECKING:
-    from celery_lock.backends._filejobs import Veto
     from celery_lock.backends.file import FileLockManager
     from celery_lock.backends.redis import RedisLockManager
 
@@ -115,9 +115,7 @@ class HybridLockManager(LockManager):
         )
         #: Same-host marks of Redis leases, asked by grants from files too (see _hostlocks).
         host = _hostlocks.for_directory(file._files.dir_fd) if file is not None else None
-        self._marks = host or _hostlocks.NO_MARKS
-        #: What grants from files ask before they write (None: nothing to ask).
-        self._veto: Veto | None = host.held_name if host is not None else None
+        self._marks: _hostlocks.Marks = host or _hostlocks.NO_MARKS
         _hybrids.add(self)
 
     @property
@@ -306,8 +304,9 @@ class HybridLockManager(LockManager):
             # double grant across a transition, in either direction (a check without the
             # mark first would leave a window open: check-then-act).
             shadow = None
-            marked = self._marks.mark(token, key)
-            if file is not None and not (marked and file._quiet(key)):
+            name = file_name(key)
+            marked = self._marks.mark(token, name)
+            if file is not None and not (marked and file._quiet(key, name)):
                 try:
                     shadow = file._try_acquire(key, ttl, token, task_id, task_name)
                 except LockBackendUnavailable as exc:
@@ -329,7 +328,7 @@ class HybridLockManager(LockManager):
                     # Redis just failed: the shadow is the fallback lease (with the file
                     # manager's default ttl when the caller gave none), unless a Redis lease
                     # of this host holds the key.
-                    if self._marks.held_key(key):
+                    if self._marks.held_name(name):
                         self._release_shadow(shadow)
                         return None
                     if getattr(self._call, "ttl_defaulted", False):
@@ -352,7 +351,7 @@ class HybridLockManager(LockManager):
         if getattr(self._call, "ttl_defaulted", False):
             # The backend is chosen here, per attempt, so its default is applied here too.
             ttl = file.default_ttl
-        return file._try_acquire(key, ttl, token, task_id, task_name, self._veto)
+        return file._try_acquire(key, ttl, token, task_id, task_name, self._marks.held_name)
 
     def _release_shadow(
         self, lease: Lease, finished: tuple[float, bool] | None = None, marked: bool = False
@@ -409,8 +408,9 @@ class HybridLockManager(LockManager):
         error: LockBackendUnavailable | None = None
         if redis is not None:
             shadow = None
-            marked = self._marks.mark(token, key)
-            if file is not None and not (marked and file._quiet(key, task_id)):
+            name = file_name(key)
+            marked = self._marks.mark(token, name)
+            if file is not None and not (marked and file._quiet(key, name, task_id)):
                 try:
                     in_files = file._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
                 except LockBackendUnavailable as exc:
@@ -431,7 +431,7 @@ class HybridLockManager(LockManager):
             except LockBackendUnavailable as exc:
                 self._marks.drop(token)
                 if shadow is not None and file is not None:
-                    if self._marks.held_key(key):
+                    if self._marks.held_name(name):
                         self._release_shadow(shadow)
                         return Claim("held")
                     if getattr(self._call, "ttl_defaulted", False):
@@ -450,7 +450,9 @@ class HybridLockManager(LockManager):
                         self._release_shadow(shadow)
                 return claim
         file = self._need_file(error)
-        return file._claim(key, ttl, token, task_id, task_name, waiter, done_ttl, self._veto)
+        return file._claim(
+            key, ttl, token, task_id, task_name, waiter, done_ttl, self._marks.held_name
+        )
 
     def _remove_waiter(self, key: str, task_id: str) -> bool:
         removed = False
