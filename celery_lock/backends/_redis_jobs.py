@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisJobs", "done_key", "release_keys"]
 
-#: Fence counters live at least this long after the last acquire (ms); see ``scripts.ACQUIRE``.
-MIN_FENCE_TTL_MS = 60_000
-
 
 class RedisJobs:
     """Job methods of :class:`RedisLockManager` (see :meth:`LockManager.claim`)."""
@@ -88,7 +85,7 @@ class RedisJobs:
             token,
             self._meta(key, now, ttl, task_id, task_name),
             ttl_ms,
-            max(ttl_ms * 2, MIN_FENCE_TTL_MS),
+            max(ttl_ms * 2, scripts.MIN_FENCE_TTL_MS),
             task_id,
             "1" if waiter is not None else "k" if waits else "0",
             b"" if waiter is None else waiter,
@@ -230,6 +227,8 @@ def done_key(name: str, task_id: str) -> str:
     return f"{name}:done:{task_id}"
 
 
-def release_keys(name: str, task_id: str) -> tuple[str, str, str, str]:
-    """KEYS of the RELEASE script."""
-    return name, name + ":line", name + ":wake-ups", done_key(name, task_id)
+def release_keys(name: str, task_id: str) -> tuple[str, ...]:
+    """KEYS of the RELEASE script: a finished job (``task_id``) adds its done marker."""
+    if task_id:
+        return name, name + ":line", name + ":wake-ups", done_key(name, task_id)
+    return name, name + ":line", name + ":wake-ups"

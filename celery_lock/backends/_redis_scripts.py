@@ -19,6 +19,9 @@ from __future__ import annotations
 import hashlib
 from typing import Final, NamedTuple
 
+#: Fence counters live at least this long after the last grant (ms); see ``ACQUIRE``.
+MIN_FENCE_TTL_MS: Final = 60_000
+
 __all__ = [
     "ACQUIRE",
     "BREAK",
@@ -26,6 +29,7 @@ __all__ = [
     "COALESCE",
     "EXTEND",
     "INSPECT",
+    "MIN_FENCE_TTL_MS",
     "RELEASE",
     "REMOVE_WAITER",
     "REVEAL",
@@ -44,25 +48,6 @@ def _lua(source: str) -> Lua:
     # Our sources are ASCII, so the SHA does not depend on the client's encoding.
     return Lua(source, hashlib.sha1(source.encode("ascii"), usedforsecurity=False).hexdigest())
 
-
-#: Lua: give the key to the first waiter that has a payload (reserve it) and return
-#: ``{task id, payload}``, or nil when nobody waits. ``rest`` is ``"<release id> <token>"``.
-_HAND_OFF = """
-local function hand_off(lock, line, wakeups, rest, reserve_ms)
-  while true do
-    local head = redis.call('LPOP', line)
-    if not head then
-      return nil
-    end
-    local payload = redis.call('HGET', wakeups, head)
-    if payload then
-      redis.call('HDEL', wakeups, head)
-      redis.call('SET', lock, '@' .. rest .. ' ' .. head, 'PX', reserve_ms)
-      return {head, payload}
-    end
-  end
-end
-"""
 
 #: Lua: set the lock to ``"<token> <fence> <meta>"`` with a new fence; returns the fence, or an
 #: error reply (return it as is) for a counter that is not a number in range.
@@ -93,24 +78,30 @@ end
 
 ACQUIRE: Final = _lua(
     _GRANT
+    + f"local min_fence_ms = {MIN_FENCE_TTL_MS}\n"
     + """
 -- Acquire, or confirm that we already hold the lock (a retried call after a lost reply).
 -- KEYS[1] lock key, KEYS[2] fence counter (same hash tag)
--- ARGV[1] token, ARGV[2] holder metadata (JSON), ARGV[3] lease ttl (ms),
--- ARGV[4] fence counter ttl (ms)
+-- ARGV[1] '<token> <holder metadata (JSON)>' (one argument: each argument costs the client
+-- about a microsecond to encode), ARGV[2] lease ttl (ms); the fence counter lives
+-- max(2 * ttl, min_fence_ms)
 -- returns {1, fence} acquired; {2, fence} already ours (ttl refreshed);
 --         {0, pttl, value} held by someone else (their value carries holder metadata; a
 --         reservation for a waiting job counts as held)
+local space = string.find(ARGV[1], ' ', 1, true)
+local mine = string.sub(ARGV[1], 1, space)
 local value = redis.call('GET', KEYS[1])
 -- A value starting with '~' is a released lock's tombstone (see RELEASE): free.
 if value and string.byte(value, 1) ~= 126 then
-  if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  if string.sub(value, 1, space) == mine then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {2, string.match(value, '^%S+ (%d+)')}
   end
   return {0, redis.call('PTTL', KEYS[1]), value}
 end
-local fence = grant(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+local counter_ttl = string.format('%.0f', math.max(tonumber(ARGV[2]) * 2, min_fence_ms))
+local fence = grant(KEYS[1], KEYS[2], string.sub(mine, 1, space - 1),
+  string.sub(ARGV[1], space + 1), ARGV[2], counter_ttl)
 if type(fence) == 'table' then
   return fence
 end
@@ -216,33 +207,34 @@ RELEASE: Final = _lua(
 -- second release of the same lease (another call, through any manager instance) finds a
 -- different id and is told the lease no longer held the lock. The tombstone lives 30 s: well
 -- above a client's socket timeout times its retries.
--- KEYS[1] lock key, KEYS[2] line, KEYS[3] wake-ups, KEYS[4] done marker of the finished job
--- ARGV[1] token, ARGV[2] release id, ARGV[3] task id of a finished job ('' for none),
--- ARGV[4] done marker ttl (ms), ARGV[5] '1' to mark the job done even with no copy in line,
--- ARGV[6] reservation ttl (ms)
+-- KEYS[1] lock key, KEYS[2] line, KEYS[3] wake-ups, and for a finished job KEYS[4] its done
+-- marker; ARGV[1] '<token> <release id> <reservation ttl (ms)>' (one argument: each costs the
+-- client about a microsecond to encode); for a finished job also ARGV[2] its task id,
+-- ARGV[3] done marker ttl (ms), ARGV[4] '1' to mark it done even with no copy in line
 -- returns {1} released (by this call, or by an earlier attempt of it whose reply was lost);
 --         {1, task id, payload} released and handed to that waiting job;
 --         {0} not ours (expired, taken over or released by another call: left alone)
+local token, rid, reserve_ms = string.match(ARGV[1], '^(%S+) (%S+) (%d+)$')
 local value = redis.call('GET', KEYS[1])
 if not value then
   return {0}
 end
-if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-  if ARGV[3] ~= '' then
+if string.sub(value, 1, #token + 1) == token .. ' ' then
+  if KEYS[4] then
     -- Copies of the finished job waiting in line are dropped, and later ones refused.
-    local copies = redis.call('HDEL', KEYS[3], ARGV[3])
+    local copies = redis.call('HDEL', KEYS[3], ARGV[2])
     if copies == 1 then
-      redis.call('LREM', KEYS[2], 0, ARGV[3])
+      redis.call('LREM', KEYS[2], 0, ARGV[2])
     end
-    if copies == 1 or ARGV[5] == '1' then
-      redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
+    if copies == 1 or ARGV[4] == '1' then
+      redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
     end
   end
-  local turn = hand_off(KEYS[1], KEYS[2], KEYS[3], ARGV[2] .. ' ' .. ARGV[1], ARGV[6])
+  local turn = hand_off(KEYS[1], KEYS[2], KEYS[3], rid .. ' ' .. token, reserve_ms)
   if turn then
     return {1, turn[1], turn[2]}
   end
-  local set = redis.pcall('SET', KEYS[1], '~' .. ARGV[1] .. ' ' .. ARGV[2], 'PX', 30000)
+  local set = redis.pcall('SET', KEYS[1], '~' .. token .. ' ' .. rid, 'PX', 30000)
   if type(set) == 'table' and set.err then
     -- At maxmemory with noeviction a SET is refused, a DEL is not. Releasing matters more
     -- than recognising a re-sent release.
@@ -251,10 +243,10 @@ if string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
   redis.pcall('PUBLISH', KEYS[1] .. ':wake', '1')
   return {1}
 end
-if value == '~' .. ARGV[1] .. ' ' .. ARGV[2] then
+if value == '~' .. token .. ' ' .. rid then
   return {1}
 end
-local mine = '@' .. ARGV[2] .. ' ' .. ARGV[1] .. ' '
+local mine = '@' .. rid .. ' ' .. token .. ' '
 if string.sub(value, 1, #mine) == mine then
   return {1}
 end

@@ -23,7 +23,7 @@ from celery_lock.backends import _clients, _durability
 from celery_lock.backends import _redis_scripts as scripts
 from celery_lock.backends._redis_errors import CLIENT_ERRORS as _CLIENT_ERRORS
 from celery_lock.backends._redis_errors import cluster_node_error, is_connection_error
-from celery_lock.backends._redis_jobs import MIN_FENCE_TTL_MS, RedisJobs, release_keys
+from celery_lock.backends._redis_jobs import RedisJobs, release_keys
 from celery_lock.backends._redis_values import (
     GLOB_ESCAPES,
     encodable,
@@ -224,23 +224,20 @@ class RedisLockManager(RedisJobs, LockManager):
     ) -> Lease | None:
         name = self._name(key)
         now = _time.time()
-        ttl_ms = math.ceil(ttl * 1000)
         args = (
             name,
             name + ":fence",
-            token,
-            self._meta(key, now, ttl, task_id, task_name),
-            ttl_ms,
-            max(ttl_ms * 2, MIN_FENCE_TTL_MS),
+            f"{token} {self._meta(key, now, ttl, task_id, task_name)}",
+            math.ceil(ttl * 1000),
         )
         if self._orphans:
             self._reap_orphans()
         try:
             reply = self._eval(scripts.ACQUIRE, 2, *args)
         except _CLIENT_ERRORS as exc:
-            reply = self._acquire_again(key, args, exc)
+            reply = self._acquire_again(key, token, args, exc)
         if reply[0] == 0 and self._break_if_dead(key, name, reply[2]):
-            reply = self._acquire_again(key, args, None)
+            reply = self._acquire_again(key, token, args, None)
         if reply[0] == 0:
             return None
         # now was taken before sending, so expires_at is never later than the server's expiry.
@@ -248,7 +245,7 @@ class RedisLockManager(RedisJobs, LockManager):
         return self._replicated(lease)
 
     def _acquire_again(
-        self, key: str, args: tuple[str, str, str, str, int, int], error: BaseException | None
+        self, key: str, token: str, args: tuple[str, str, str, int], error: BaseException | None
     ) -> list[Any]:
         """Run the acquire script once more with the same token (after ``error``, if any)."""
         if error is not None and not is_connection_error(error):
@@ -257,7 +254,7 @@ class RedisLockManager(RedisJobs, LockManager):
             # No answer within the socket timeout: the server is hung or cut off and would not
             # answer a re-send either, which would double what a hung store costs the caller
             # (issue 14). The script may have run: its grant is released later, by token.
-            self._orphans.append((args[0], args[2]))
+            self._orphans.append((args[0], token))
             raise self._unavailable(key, error) from error
         # After a connection error the reply may have been lost after the script ran: the same
         # token makes the retry answer "already ours" instead of "busy" (simstudioai/sim#6864).
@@ -270,7 +267,7 @@ class RedisLockManager(RedisJobs, LockManager):
                 # held under a token nobody will use. Remember it and compare-and-delete it on
                 # the next round trip that gets through, instead of blocking the key until
                 # its ttl.
-                self._orphans.append((args[0], args[2]))
+                self._orphans.append((args[0], token))
             raise self._unavailable(key, exc) from exc
         return reply
 
@@ -280,15 +277,7 @@ class RedisLockManager(RedisJobs, LockManager):
             name, token = self._orphans[0]
             try:
                 reply = self._eval(
-                    scripts.RELEASE,
-                    4,
-                    *release_keys(name, ""),
-                    token,
-                    release_id(),
-                    "",
-                    1,
-                    "0",
-                    math.ceil(self.reserve_ttl * 1000),
+                    scripts.RELEASE, 3, *release_keys(name, ""), self._release_arg(token)
                 )
             except _CLIENT_ERRORS:
                 return  # still unreachable: try again next time
@@ -305,16 +294,14 @@ class RedisLockManager(RedisJobs, LockManager):
         try:
             # One release id per call: redis-py's own retry of this command (after a lost
             # reply) re-sends the same id and is recognised by the script; any other call is not.
+            keys = release_keys(name, finished)
+            job = (finished, max(1, math.ceil(done_ttl * 1000)), "1" if mark else "0")
             reply = self._eval(
                 scripts.RELEASE,
-                4,
-                *release_keys(name, finished),
-                lease.token,
-                release_id(),
-                finished,
-                max(1, math.ceil(done_ttl * 1000)),
-                "1" if mark else "0",
-                math.ceil(self.reserve_ttl * 1000),
+                len(keys),
+                *keys,
+                self._release_arg(lease.token),
+                *(job if finished else ()),
             )
         except _CLIENT_ERRORS as exc:
             # Whether the server ran the script is unknown. The lease keeps its token, so a
@@ -326,6 +313,10 @@ class RedisLockManager(RedisJobs, LockManager):
         # alive. The client's wall clock is not consulted: it may have jumped.
         self._turn(lease.key, reply)
         return bool(int(reply[0]) == 1)
+
+    def _release_arg(self, token: str) -> str:
+        """The RELEASE script's first argument: token, a new release id, reservation ttl."""
+        return f"{token} {release_id()} {math.ceil(self.reserve_ttl * 1000)}"
 
     def _extend(self, lease: Lease, ttl: float) -> Lease | None:
         now = _time.time()
