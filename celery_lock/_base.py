@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import secrets
 import time as _time
 from collections.abc import Callable, Iterator
@@ -227,7 +226,7 @@ class LockManager(abc.ABC):
             yield lease
             body_failed = False
         finally:
-            if lease.pid is None or lease.pid == os.getpid():
+            if lease.pid is None or lease.pid == _fork.pid():
                 self._leave(key, lease, handle, body_failed=body_failed)
             else:
                 # A child forked inside the block leaves it: the lock is its parent's, which
@@ -235,7 +234,7 @@ class LockManager(abc.ABC):
                 self._log.debug(
                     "lock %s left in forked child %d: kept for process %d",
                     key,
-                    os.getpid(),
+                    _fork.pid(),
                     lease.pid,
                     extra=self._extra(lease),
                 )
@@ -314,7 +313,7 @@ class LockManager(abc.ABC):
         lease = claim.lease
         if lease is not None:
             if lease.pid is None or lease.task_id != task_id:
-                lease = dataclasses.replace(lease, pid=lease.pid or os.getpid(), task_id=task_id)
+                lease = dataclasses.replace(lease, pid=lease.pid or _fork.pid(), task_id=task_id)
                 claim = dataclasses.replace(claim, lease=lease)
             if self._log.isEnabledFor(logging.DEBUG):
                 self._debug_acquired(lease, 0.0)
@@ -503,11 +502,11 @@ class LockManager(abc.ABC):
 
     def _owned(self, lease: Lease) -> Lease:
         """``lease`` marked as this process's (for backends that build leases without a pid)."""
-        return dataclasses.replace(lease, pid=os.getpid())
+        return dataclasses.replace(lease, pid=_fork.pid())
 
     def _in_owner(self, lease: Lease, what: str) -> bool:
         """True unless ``lease`` was acquired by another process (we are a forked child)."""
-        if lease.pid is None or lease.pid == os.getpid():
+        if lease.pid is None or lease.pid == _fork.pid():
             return True
         if self._log.isEnabledFor(logging.DEBUG):
             self._log.debug(

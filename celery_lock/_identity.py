@@ -19,6 +19,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from celery_lock import _fork
+
 __all__ = ["Identity", "current", "holder_is_dead"]
 
 #: Where procfs is mounted (tests point it elsewhere to play a system without one).
@@ -100,10 +102,10 @@ def current() -> Identity:
     """This process's :class:`Identity` (cached; a forked child gets its own)."""
     global _current  # noqa: PLW0603 - one per process by design
     ident = _current
-    if ident is None or ident.pid != os.getpid():
+    if ident is None or ident.pid != _fork.pid():
         with _lock:
             ident = _current
-            if ident is None or ident.pid != os.getpid():
+            if ident is None or ident.pid != _fork.pid():
                 ident = _current = Identity()
     return ident
 

@@ -262,3 +262,21 @@ def test_forked_children_do_not_jitter_in_step() -> None:
     os.close(read)
     assert data, "the child could not draw a jitter factor"
     assert float(data) != _fork.jitter()
+
+
+def test_the_cached_pid_is_the_childs_after_fork() -> None:
+    """Leases record ``_fork.pid()`` (``os.getpid()`` is a system call): a forked child must
+    see its own pid there, or it would take its parent's leases for its own."""
+    assert _fork.pid() == os.getpid()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.write(write, f"{_fork.pid()} {os.getpid()}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    data = os.read(read, 64).split()
+    os.close(read)
+    assert [int(x) for x in data] == [pid, pid]

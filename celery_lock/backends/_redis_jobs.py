@@ -8,13 +8,13 @@ Keys, under the lock's hash tag (see ``_redis_scripts``): ``:line``, ``:wake-ups
 from __future__ import annotations
 
 import math
-import os
 import time as _time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
 
+from celery_lock import _fork
 from celery_lock._types import Claim, Lease
 from celery_lock.backends import _redis_scripts as scripts
 from celery_lock.backends._redis_errors import CLIENT_ERRORS as _CLIENT_ERRORS
@@ -113,7 +113,7 @@ class RedisJobs:
             return Claim("finished")
         if code in (1, 2):
             lease = Lease(
-                key, token, int(reply[1]), "redis", ttl, now + ttl, now, os.getpid(), task_id
+                key, token, int(reply[1]), "redis", ttl, now + ttl, now, _fork.pid(), task_id
             )
             return Claim("granted", self._replicated(lease))
         holder = self._holder_task_id(reply[2])

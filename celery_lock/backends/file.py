@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from celery_lock import _identity
+from celery_lock import _fork, _identity
 from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
 from celery_lock.backends import _filejobs, _filerecord, _lockdir, _lockfiles
@@ -508,7 +508,7 @@ class FileLockManager(LockManager):
                 extra={"lock_key": key, "backend": "file", "fence": fence},
             )
         if job:
-            return Lease(key, token, fence, "file", ttl, now + ttl, now, os.getpid(), task_id)
+            return Lease(key, token, fence, "file", ttl, now + ttl, now, _fork.pid(), task_id)
         return Lease(key, token, fence, "file", ttl, now + ttl, now)
 
     def _remember(self, token: str, content: bytes, record: dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import time as _time
 from collections.abc import Iterator, Mapping
 from typing import Any, TypeAlias
@@ -16,7 +15,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from celery_lock import _identity
+from celery_lock import _fork, _identity
 from celery_lock._base import LockManager, Waiter
 from celery_lock._types import CleanReport, Lease, LockInfo
 from celery_lock.backends import _clients, _durability
@@ -241,7 +240,7 @@ class RedisLockManager(RedisJobs, LockManager):
         if reply[0] == 0:
             return None
         # now was taken before sending, so expires_at is never later than the server's expiry.
-        lease = Lease(key, token, int(reply[1]), "redis", ttl, now + ttl, now, os.getpid())
+        lease = Lease(key, token, int(reply[1]), "redis", ttl, now + ttl, now, _fork.pid())
         return self._replicated(lease)
 
     def _acquire_again(
@@ -294,15 +293,20 @@ class RedisLockManager(RedisJobs, LockManager):
         try:
             # One release id per call: redis-py's own retry of this command (after a lost
             # reply) re-sends the same id and is recognised by the script; any other call is not.
-            keys = release_keys(name, finished)
-            job = (finished, max(1, math.ceil(done_ttl * 1000)), "1" if mark else "0")
-            reply = self._eval(
-                scripts.RELEASE,
-                len(keys),
-                *keys,
-                self._release_arg(lease.token),
-                *(job if finished else ()),
-            )
+            if finished:
+                reply = self._eval(
+                    scripts.RELEASE,
+                    4,
+                    *release_keys(name, finished),
+                    self._release_arg(lease.token),
+                    finished,
+                    max(1, math.ceil(done_ttl * 1000)),
+                    "1" if mark else "0",
+                )
+            else:
+                reply = self._eval(
+                    scripts.RELEASE, 3, *release_keys(name, ""), self._release_arg(lease.token)
+                )
         except _CLIENT_ERRORS as exc:
             # Whether the server ran the script is unknown. The lease keeps its token, so a
             # later call can still release it if this one never arrived (redis/redis-py#3847,
