@@ -5,18 +5,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import math
 import threading
 import time as _time
-import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from celery_lock import _fork
 from celery_lock._base import HandOff, LockManager, Waiter
 from celery_lock._types import Claim, CleanReport, Lease, LockInfo
 from celery_lock._validate import check_ttl
 from celery_lock.backends import _hostlocks
+from celery_lock.backends._circuit import Circuit
 from celery_lock.backends._filerecord import file_name
 from celery_lock.errors import LockBackendUnavailable
 from celery_lock.modes import LockMode
@@ -34,20 +32,11 @@ TransitionCallback = Callable[[str, "BaseException | None"], object]
 
 #: The key a background probe reads (INSPECT: one read-only round trip, any Cluster slot).
 PROBE_KEY: Final = "celery_lock-probe"
-#: Longest sleep of a prober thread (s) before it checks that its manager still exists.
-_PROBER_NAP: Final = 1.0
-
-#: Every hybrid of this process, to reset their mutexes in a forked child.
-_hybrids: weakref.WeakSet[HybridLockManager] = weakref.WeakSet()
 
 
-@_fork.in_child
-def _reset_after_fork() -> None:
-    for hybrid in list(_hybrids):
-        # A parent thread may have held it at the fork; the prober thread is not copied and
-        # starts again on the child's next call while the circuit is open.
-        hybrid._state = threading.Lock()
-        hybrid._prober = None
+def _granted(lease: Lease | None) -> Claim:
+    """An acquire's answer as a claim's."""
+    return Claim("held") if lease is None else Claim("granted", lease)
 
 
 class HybridLockManager(LockManager):
@@ -97,17 +86,15 @@ class HybridLockManager(LockManager):
         super().__init__(default_ttl=granting.default_ttl)
         self._redis = redis
         self._file = file
-        self._retry_interval = check_ttl(retry_interval, name="retry_interval")
+        self._circuit = Circuit(
+            check_ttl(retry_interval, name="retry_interval"),
+            self._probe,
+            self._probe_failed,
+            self._came_up,
+        )
         self._on_transition = on_transition
-        self._state = threading.Lock()
-        #: monotonic time of the next allowed Redis probe; None while the circuit is closed.
-        self._probe_at: float | None = None
-        #: monotonic time of the last up/down transition.
-        self._changed_at = -math.inf
         #: Per-thread facts about the acquire call in progress (was its ttl defaulted?).
         self._call = threading.local()
-        #: The thread that probes Redis while the circuit is open (None: not started).
-        self._prober: threading.Thread | None = None
         #: Redis leases released while the circuit was open, each with how (``_finish``
         #: arguments, or None for a plain release): released by token on recovery.
         self._unreleased: collections.deque[tuple[Lease, tuple[float, bool] | None]] = (
@@ -116,7 +103,6 @@ class HybridLockManager(LockManager):
         #: Same-host marks of Redis leases, asked by grants from files too (see _hostlocks).
         host = _hostlocks.for_directory(file._files.dir_fd) if file is not None else None
         self._marks: _hostlocks.Marks = host or _hostlocks.NO_MARKS
-        _hybrids.add(self)
 
     @property
     def redis(self) -> RedisLockManager | None:
@@ -128,12 +114,12 @@ class HybridLockManager(LockManager):
 
     @property
     def retry_interval(self) -> float:
-        return self._retry_interval
+        return self._circuit.retry_interval
 
     @property
     def using_fallback(self) -> bool:
         """True while Redis is considered down (or absent) and files serve the locks."""
-        return self._redis is None or self._probe_at is not None
+        return self._redis is None or self._circuit.is_open
 
     # ------------------------------------------------------------ circuit
 
@@ -144,12 +130,7 @@ class HybridLockManager(LockManager):
         does not answer.
         """
         redis = self._redis
-        if redis is None:
-            return None
-        if self._probe_at is None:
-            return redis
-        self._ensure_prober()
-        return None
+        return redis if redis is not None and self._circuit.closed() else None
 
     def _via_redis(self, call: Callable[[], _T]) -> _T:
         """Run one Redis call and open the circuit if it fails.
@@ -166,22 +147,15 @@ class HybridLockManager(LockManager):
         return result
 
     def _went_down(self, exc: LockBackendUnavailable, started: float | None = None) -> None:
-        if started is None:
-            started = _time.monotonic()
-        with self._state:
-            if self._probe_at is not None or started < self._changed_at:
-                return  # already open, or the call began before the last recovery
-            now = _time.monotonic()
-            self._changed_at = now
-            self._probe_at = now + self._retry_interval
-        self._ensure_prober()
+        if not self._circuit.trip(_time.monotonic() if started is None else started):
+            return  # already open, or the call began before the last recovery
         if self._file is not None:
             self._log.warning(
                 "Redis is unreachable for locks (%s); using local file locks in %s, which "
                 "exclude only processes on this host; retrying Redis every %g s",
                 exc.__cause__ or exc,
                 self._file.directory,
-                self._retry_interval,
+                self._circuit.retry_interval,
                 extra={"backend": "file", "reason": str(exc.__cause__ or exc)},
             )
         else:
@@ -189,68 +163,35 @@ class HybridLockManager(LockManager):
                 "Redis is unreachable for locks (%s) and no file fallback is configured: "
                 "lock requests fail until it answers (retrying every %g s)",
                 exc.__cause__ or exc,
-                self._retry_interval,
+                self._circuit.retry_interval,
                 extra={"backend": "redis", "reason": str(exc.__cause__ or exc)},
             )
         self._notify("down", exc)
 
-    def _came_up(self, started: float) -> None:
-        with self._state:
-            if self._probe_at is None or started < self._changed_at:
-                return  # already closed, or the call began before the outage was noticed
-            self._probe_at = None
-            self._changed_at = _time.monotonic()
+    def _came_up(self) -> None:
         self._log.info("Redis answers again; locks are served from Redis")
         self._notify("up", None)
 
     # ------------------------------------------------------------ probing
 
-    def _ensure_prober(self) -> None:
-        """Start the prober thread unless it runs (one attribute read and is_alive() when it
-        does; a forked child starts its own)."""
-        thread = self._prober
-        if thread is not None and thread.is_alive():
-            return
-        with self._state:
-            thread = self._prober
-            if self._probe_at is None or (thread is not None and thread.is_alive()):
-                return
-            # Only a weak reference: a hybrid nobody uses any more ends its prober.
-            thread = threading.Thread(
-                target=_probe_loop, args=(weakref.ref(self),), name="celery_lock-probe", daemon=True
-            )
-            self._prober = thread
-            thread.start()
-
-    def _probe_delay(self) -> float | None:
-        """Seconds until the next probe is due; None once the circuit is closed."""
-        probe_at = self._probe_at
-        return None if probe_at is None else max(0.0, probe_at - _time.monotonic())
-
     def _probe(self) -> None:
-        """One probe: a read-only round trip; on success release the leases whose release was
-        left to it, then close the circuit. Runs on the prober thread only."""
+        """One probe (on the circuit's prober thread): a read-only round trip, then release the
+        leases whose release was left to it; raises while Redis is down."""
         redis = self._redis
         assert redis is not None
-        started = _time.monotonic()
-        try:
-            redis._inspect(PROBE_KEY)
-            while self._unreleased:
-                lease, finished = self._unreleased[0]
-                # By token: a lock that changed hands is left alone.
-                if finished is not None:
-                    redis._finish(lease, *finished)
-                elif lease.expires_at > _time.time():
-                    redis._release(lease)
-                with contextlib.suppress(IndexError):
-                    self._unreleased.popleft()
-        except Exception as exc:  # noqa: BLE001 - whatever the store says, probe again later
-            with self._state:
-                if self._probe_at is not None:
-                    self._probe_at = _time.monotonic() + self._retry_interval
-            self._log.debug("Redis probe failed: %s", exc, extra={"backend": "redis"})
-            return
-        self._came_up(started)
+        redis._inspect(PROBE_KEY)
+        while self._unreleased:
+            lease, finished = self._unreleased[0]
+            # By token: a lock that changed hands is left alone.
+            if finished is not None:
+                redis._finish(lease, *finished)
+            elif lease.expires_at > _time.time():
+                redis._release(lease)
+            with contextlib.suppress(IndexError):
+                self._unreleased.popleft()
+
+    def _probe_failed(self, exc: Exception) -> None:
+        self._log.debug("Redis probe failed: %s", exc, extra={"backend": "redis"})
 
     def _notify(self, state: str, exc: BaseException | None) -> None:
         if self._on_transition is not None:
@@ -292,36 +233,65 @@ class HybridLockManager(LockManager):
     def _try_acquire(
         self, key: str, ttl: float, token: str, task_id: str | None, task_name: str | None
     ) -> Lease | None:
+        def from_files(file: FileLockManager) -> Claim:
+            # The backend is chosen here, per attempt, so its default ttl is applied here too.
+            t = file.default_ttl if getattr(self._call, "ttl_defaulted", False) else ttl
+            return _granted(
+                file._try_acquire(key, t, token, task_id, task_name, self._marks.held_name)
+            )
+
+        return self._take(
+            key,
+            token,
+            None,
+            lambda file: _granted(file._try_acquire(key, ttl, token, task_id, task_name)),
+            lambda redis: _granted(redis._try_acquire(key, ttl, token, task_id, task_name)),
+            from_files,
+        ).lease
+
+    def _take(
+        self,
+        key: str,
+        token: str,
+        task_id: str | None,
+        in_files: Callable[[FileLockManager], Claim],
+        in_redis: Callable[[RedisLockManager], Claim],
+        from_files: Callable[[FileLockManager], Claim],
+    ) -> Claim:
+        """An acquire or a claim (``task_id``): the same-host mark, then Redis; files when Redis
+        is down.
+
+        Processes on this host that see Redis as down (each notices an outage, and its end, on
+        its own schedule) take file locks, so a Redis lease is marked on this host too: a byte
+        of .hostlocks (see _hostlocks), or where that cannot be, a "shadow" file lock with the
+        same token (``in_files``). Either is taken before the Redis grant and checked by grants
+        from files after they wrote, and vice versa: no same-host double grant across a
+        transition, in either direction (a check without the mark first would leave a window
+        open: check-then-act). A job finished in files (during an outage) is found there: its
+        claim takes the shadow path.
+        """
         redis = self._redis_due()
         file = self._file
         error: LockBackendUnavailable | None = None
         if redis is not None:
-            # Processes on this host that see Redis as down (each notices an outage, and its
-            # end, on its own schedule) take file locks, so a Redis lease is marked on this
-            # host too: a byte of .hostlocks (see _hostlocks), or where that cannot be, a
-            # "shadow" file lock with the same token. Either is taken before the Redis grant
-            # and checked by grants from files after they wrote, and vice versa: no same-host
-            # double grant across a transition, in either direction (a check without the
-            # mark first would leave a window open: check-then-act).
             shadow = None
             name = file_name(key)
             marked = self._marks.mark(token, name)
-            if file is not None and not (marked and file._quiet(key, name)):
+            if file is not None and not (marked and file._quiet(key, name, task_id)):
                 try:
-                    shadow = file._try_acquire(key, ttl, token, task_id, task_name)
+                    in_file = in_files(file)
                 except LockBackendUnavailable as exc:
                     # The folder is unusable (disk full...): Redis alone still excludes.
                     self._log.debug("shadow file lock for %s failed: %s", key, exc)
                     file = None
                 else:
-                    if shadow is None:
+                    if in_file.lease is None:
                         self._marks.drop(token)
-                        return None  # held in files on this host
+                        return in_file  # held (or finished) in files on this host
+                    shadow = in_file.lease
                     self._marks.add_shadow(token)
             try:
-                lease = self._via_redis(
-                    lambda: redis._try_acquire(key, ttl, token, task_id, task_name)
-                )
+                claim = self._via_redis(lambda: in_redis(redis))
             except LockBackendUnavailable as exc:
                 self._marks.drop(token)
                 if shadow is not None and file is not None:
@@ -330,10 +300,10 @@ class HybridLockManager(LockManager):
                     # of this host holds the key.
                     if self._marks.held_name(name):
                         self._release_shadow(shadow)
-                        return None
+                        return Claim("held")
                     if getattr(self._call, "ttl_defaulted", False):
                         shadow = file._extend(shadow, file.default_ttl) or shadow
-                    return shadow
+                    return Claim("granted", shadow)
                 error = exc
             except BaseException:
                 # Not an outage (LockConfigurationError...): no lease, so no mark either.
@@ -342,16 +312,12 @@ class HybridLockManager(LockManager):
                     self._release_shadow(shadow)
                 raise
             else:
-                if lease is None:
+                if claim.lease is None:
                     self._marks.drop(token)
                     if shadow is not None:
                         self._release_shadow(shadow)
-                return lease
-        file = self._need_file(error)
-        if getattr(self._call, "ttl_defaulted", False):
-            # The backend is chosen here, per attempt, so its default is applied here too.
-            ttl = file.default_ttl
-        return file._try_acquire(key, ttl, token, task_id, task_name, self._marks.held_name)
+                return claim
+        return from_files(self._need_file(error))
 
     def _release_shadow(
         self, lease: Lease, finished: tuple[float, bool] | None = None, marked: bool = False
@@ -395,63 +361,23 @@ class HybridLockManager(LockManager):
         *,
         waits: bool = False,
     ) -> Claim:
-        """Like ``_try_acquire``: the same-host mark (or shadow in files), then the claim in
-        Redis.
+        """Like ``_try_acquire`` (see :meth:`_take`).
 
         A job that finds the shadow held (a same-host holder, or a same-host process on files)
         waits in the file line and is woken when that file lock ends; one that finds the key
-        held in Redis waits in the Redis line. Each line is FIFO. A job finished in files
-        (during an outage) is found there: the claim takes the shadow path then.
+        held in Redis waits in the Redis line. Each line is FIFO.
         """
-        redis = self._redis_due()
-        file = self._file
-        error: LockBackendUnavailable | None = None
-        if redis is not None:
-            shadow = None
-            name = file_name(key)
-            marked = self._marks.mark(token, name)
-            if file is not None and not (marked and file._quiet(key, name, task_id)):
-                try:
-                    in_files = file._claim(key, ttl, token, task_id, task_name, waiter, done_ttl)
-                except LockBackendUnavailable as exc:
-                    self._log.debug("shadow file lock for %s failed: %s", key, exc)
-                    file = None
-                else:
-                    if in_files.lease is None:
-                        self._marks.drop(token)
-                        return in_files  # held (or finished) in files on this host
-                    shadow = in_files.lease
-                    self._marks.add_shadow(token)
-            try:
-                claim = self._via_redis(
-                    lambda: redis._claim(
-                        key, ttl, token, task_id, task_name, waiter, done_ttl, waits=waits
-                    )
-                )
-            except LockBackendUnavailable as exc:
-                self._marks.drop(token)
-                if shadow is not None and file is not None:
-                    if self._marks.held_name(name):
-                        self._release_shadow(shadow)
-                        return Claim("held")
-                    if getattr(self._call, "ttl_defaulted", False):
-                        shadow = file._extend(shadow, file.default_ttl) or shadow
-                    return Claim("granted", shadow)
-                error = exc
-            except BaseException:
-                self._marks.drop(token)
-                if shadow is not None:
-                    self._release_shadow(shadow)
-                raise
-            else:
-                if claim.lease is None:
-                    self._marks.drop(token)
-                    if shadow is not None:
-                        self._release_shadow(shadow)
-                return claim
-        file = self._need_file(error)
-        return file._claim(
-            key, ttl, token, task_id, task_name, waiter, done_ttl, self._marks.held_name
+        return self._take(
+            key,
+            token,
+            task_id,
+            lambda file: file._claim(key, ttl, token, task_id, task_name, waiter, done_ttl),
+            lambda redis: redis._claim(
+                key, ttl, token, task_id, task_name, waiter, done_ttl, waits=waits
+            ),
+            lambda file: file._claim(
+                key, ttl, token, task_id, task_name, waiter, done_ttl, self._marks.held_name
+            ),
         )
 
     def _remove_waiter(self, key: str, task_id: str) -> bool:
@@ -504,7 +430,7 @@ class HybridLockManager(LockManager):
             if finished is None:
                 return manager._release(lease)
             return manager._finish(lease, *finished)
-        if self._probe_at is not None:
+        if self._circuit.is_open:
             # Circuit open: not on the caller's path. The probe releases it by token once
             # Redis answers (until then, or if it never does, it ends with its TTL).
             self._unreleased.append((lease, finished))
@@ -541,7 +467,7 @@ class HybridLockManager(LockManager):
         # A LockBackendUnavailable is raised, not turned into None ("lost"): the Redis lease may
         # still be valid, and the renewer retries while it lasts. While the circuit is open it
         # is raised at once: the renewer thread must not wait for a hung store either.
-        if self._probe_at is not None:
+        if self._circuit.is_open:
             raise LockBackendUnavailable(
                 f"Redis is unreachable for locks: cannot extend {lease.key!r} now",
                 key=lease.key,
@@ -620,19 +546,3 @@ class HybridLockManager(LockManager):
         if redis is not None:
             return redis._waiter(key)
         return self._need_file(None)._waiter(key)
-
-
-def _probe_loop(ref: weakref.ReferenceType[HybridLockManager]) -> None:
-    """The prober thread: probe when due until the circuit is closed or the hybrid is gone."""
-    while True:
-        hybrid = ref()
-        if hybrid is None:
-            return
-        delay = hybrid._probe_delay()
-        if delay is None:
-            return
-        if delay <= 0:
-            hybrid._probe()
-            continue
-        del hybrid  # no strong reference while asleep
-        _time.sleep(min(delay, _PROBER_NAP))
