@@ -488,7 +488,7 @@ class FileLockManager(LockManager):
         """Write our holder record over ``old`` (flocked, judged takeable) and return the lease.
 
         :param line: somebody waits in the key's line (the record gets the ``w`` flag).
-        :param job: a claim: the lease carries ``task_id`` and our pid.
+        :param job: a claim: the lease carries ``task_id``.
         """
         now, now_bt = _time.time(), _boottime()
         if last >= FENCE_LIMIT:
@@ -507,9 +507,8 @@ class FileLockManager(LockManager):
                 reason,
                 extra={"lock_key": key, "backend": "file", "fence": fence},
             )
-        if job:
-            return Lease(key, token, fence, "file", ttl, now + ttl, now, _fork.pid(), task_id)
-        return Lease(key, token, fence, "file", ttl, now + ttl, now)
+        task = task_id if job else None
+        return Lease(key, token, fence, "file", ttl, now + ttl, now, _fork.pid(), task)
 
     def _remember(self, token: str, content: bytes, record: dict[str, Any]) -> None:
         written = self._written
