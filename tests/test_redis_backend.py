@@ -283,6 +283,26 @@ def test_fences_strictly_increase_even_across_counter_loss(
     assert again is not None and again.fence > lease.fence
 
 
+def test_a_fence_is_the_servers_clock_in_microseconds_or_the_counter_plus_one(
+    manager: RedisLockManager, client: Any
+) -> None:
+    """The clock term is built from TIME's digits (microseconds padded to six); a counter ahead
+    of the clock (a clock that went back) is counted on by one, printed whole."""
+    seconds, micros = client.time()
+    lease = manager.acquire("k")
+    assert lease is not None and manager.release(lease)
+    assert 0 <= lease.fence - (seconds * 1_000_000 + micros) < 5_000_000
+    ahead = 2**52 + 12_345  # a double counts by one up here, and prints with an exponent
+    client.set("celery_lock:{k}:fence", str(ahead))
+    fences = []
+    for _ in range(2):
+        lease = manager.acquire("k")
+        assert lease is not None and manager.release(lease)
+        fences.append(lease.fence)
+    assert fences == [ahead + 1, ahead + 2]
+    assert int(client.get("celery_lock:{k}:fence")) == ahead + 2
+
+
 def test_same_token_reacquire_is_idempotent(manager: RedisLockManager, client: Any) -> None:
     token = "a" * 32
     first = manager._try_acquire("k", 5.0, token, None, None)

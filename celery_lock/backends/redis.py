@@ -235,17 +235,18 @@ class RedisLockManager(RedisJobs, LockManager):
             reply = self._eval(scripts.ACQUIRE, 2, *args)
         except _CLIENT_ERRORS as exc:
             reply = self._acquire_again(key, token, args, exc)
-        if reply[0] == 0 and self._break_if_dead(key, name, reply[2]):
+        # A list: {0, pttl, value} held by someone else; otherwise the fence of our lease.
+        if isinstance(reply, list) and self._break_if_dead(key, name, reply[2]):
             reply = self._acquire_again(key, token, args, None)
-        if reply[0] == 0:
+        if isinstance(reply, list):
             return None
         # now was taken before sending, so expires_at is never later than the server's expiry.
-        lease = Lease(key, token, int(reply[1]), "redis", ttl, now + ttl, now, _fork.pid())
+        lease = Lease(key, token, int(reply), "redis", ttl, now + ttl, now, _fork.pid())
         return self._replicated(lease)
 
     def _acquire_again(
         self, key: str, token: str, args: tuple[str, str, str, int], error: BaseException | None
-    ) -> list[Any]:
+    ) -> Any:
         """Run the acquire script once more with the same token (after ``error``, if any)."""
         if error is not None and not is_connection_error(error):
             raise self._unavailable(key, error) from error
@@ -259,7 +260,7 @@ class RedisLockManager(RedisJobs, LockManager):
         # token makes the retry answer "already ours" instead of "busy" (simstudioai/sim#6864).
         # Without one, a dead holder's lock was just broken.
         try:
-            reply: list[Any] = self._eval(scripts.ACQUIRE, 2, *args)
+            reply = self._eval(scripts.ACQUIRE, 2, *args)
         except _CLIENT_ERRORS as exc:
             if error is not None:
                 # Twice no answer: the script may have run (the reply lost), leaving the key
@@ -280,7 +281,8 @@ class RedisLockManager(RedisJobs, LockManager):
                 )
             except _CLIENT_ERRORS:
                 return  # still unreachable: try again next time
-            self._turn(key_of(None, name), reply)
+            if isinstance(reply, list):
+                self._turn(key_of(None, name), reply)
             with contextlib.suppress(IndexError):
                 self._orphans.popleft()
 
@@ -315,8 +317,10 @@ class RedisLockManager(RedisJobs, LockManager):
         # 1: the server still had our value (or this call's own tombstone: an earlier attempt
         # whose reply was lost), so by its clock, the one that expires keys, the lease was
         # alive. The client's wall clock is not consulted: it may have jumped.
-        self._turn(lease.key, reply)
-        return bool(int(reply[0]) == 1)
+        if isinstance(reply, list):  # {1, task id, payload}: released, and handed to that job
+            self._turn(lease.key, reply)
+            return True
+        return bool(reply == 1)
 
     def _release_arg(self, token: str) -> str:
         """The RELEASE script's first argument: token, a new release id, reservation ttl."""
