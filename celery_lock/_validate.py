@@ -27,6 +27,12 @@ def check_key(key: object) -> str:
     return key
 
 
+#: Longest ttl (s): 68 years. Redis refuses expiry times past a bound (a ttl of 10^16 s was
+#: reported as an unreachable store), and a lock that must outlive its holder by decades is not
+#: a lock.
+MAX_TTL = 2**31
+
+
 def check_ttl(ttl: object, *, name: str = "ttl") -> float:
     """Return ``ttl`` as a positive, finite float (seconds).
 
@@ -39,6 +45,8 @@ def check_ttl(ttl: object, *, name: str = "ttl") -> float:
         raise ValueError(f"{name} must be a positive, finite number of seconds, got {ttl!r}")
     if value < 0.001:
         raise ValueError(f"{name} must be at least 0.001 seconds (1 ms), got {ttl!r}")
+    if value > MAX_TTL:
+        raise ValueError(f"{name} must be at most {MAX_TTL} seconds (68 years), got {ttl!r}")
     return value
 
 

@@ -39,6 +39,7 @@ from redis.retry import Retry
 
 from celery_lock import _identity
 from celery_lock._types import Lease
+from celery_lock._validate import MAX_TTL
 from celery_lock.backends._redis_scripts import BREAK, RELEASE
 from celery_lock.backends._wakeups import wait_slice as _wait_slice
 from celery_lock.backends.redis import RedisLockManager, is_connection_error
@@ -301,6 +302,18 @@ def test_a_fence_is_the_servers_clock_in_microseconds_or_the_counter_plus_one(
         fences.append(lease.fence)
     assert fences == [ahead + 1, ahead + 2]
     assert int(client.get("celery_lock:{k}:fence")) == ahead + 2
+
+
+def test_the_longest_ttl_is_granted_and_its_fence_counter_lives_twice_as_long(
+    manager: RedisLockManager, client: Any
+) -> None:
+    lease = manager.acquire("k", ttl=MAX_TTL)
+    assert lease is not None
+    assert client.pttl("celery_lock:{k}") > (MAX_TTL - 60) * 1000
+    assert client.pttl("celery_lock:{k}:fence") > (2 * MAX_TTL - 60) * 1000
+    assert manager.release(lease)
+    with pytest.raises(ValueError, match="at most"):
+        manager.acquire("k", ttl=MAX_TTL * 1.01)
 
 
 def test_same_token_reacquire_is_idempotent(manager: RedisLockManager, client: Any) -> None:

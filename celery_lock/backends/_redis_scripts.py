@@ -103,7 +103,9 @@ if value and string.byte(value, 1) ~= 126 then
   end
   return {0, redis.call('PTTL', KEYS[1]), value}
 end
-local counter_ttl = string.format('%.0f', math.max(tonumber(ARGV[2]) * 2, min_fence_ms))
+-- A number, which Redis prints whole up to 10^17 (ttls stop at 2^31 s): string.format costs
+-- a script here more than the rest of this branch.
+local counter_ttl = math.max(tonumber(ARGV[2]) * 2, min_fence_ms)
 local fence = grant(KEYS[1], KEYS[2], string.sub(mine, 1, space - 1),
   string.sub(ARGV[1], space + 1), ARGV[2], counter_ttl)
 return fence  -- or the error reply of a counter out of range

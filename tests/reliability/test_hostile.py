@@ -117,6 +117,7 @@ BAD_ACQUIRE = [
     ("ttl-string", {"ttl": "30"}, ValueError, "number"),
     ("ttl-bool", {"ttl": True}, ValueError, "number"),
     ("ttl-below-1ms", {"ttl": 1e-6}, ValueError, "0.001"),
+    ("ttl-too-long", {"ttl": 1e16}, ValueError, "at most 2147483648 seconds"),
     ("timeout-negative", {"mode": "queue", "timeout": -1}, ValueError, "timeout"),
     ("timeout-nan", {"mode": "queue", "timeout": math.nan}, ValueError, "timeout"),
     ("mode-unknown", {"mode": "sometimes"}, ValueError, "'queue'"),
