@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["generation", "in_child", "jitter", "pid"]
+__all__ = ["generation", "in_child", "jitter", "pid", "random_hex"]
 
 _F = TypeVar("_F", bound=Callable[[], None])
 
@@ -42,15 +42,21 @@ def in_child(callback: _F) -> _F:
     return callback
 
 
-#: Our own random stream for jitter: the global one belongs to the application (a seeded app,
-#: or hypothesis, must not see it move when a lock waits), reseeded in every forked child so
-#: that worker processes do not wait in step.
-_rng = random.Random()  # noqa: S311 - jitter, not secrets
+#: Our own random stream for jitter and ids: the global one belongs to the application (a
+#: seeded app, or hypothesis, must not see it move when a lock waits), reseeded in every forked
+#: child so that worker processes do not wait in step.
+_rng = random.Random()  # noqa: S311 - jitter and ids, not secrets
 
 
 def jitter() -> float:
     """A factor in [0.5, 1.0] that spreads waits (one per call)."""
     return _rng.uniform(0.5, 1.0)
+
+
+def random_hex() -> str:
+    """64 bits of the same stream as 16 hex digits: an id that only has to differ from this
+    process's other ids (not a secret: ``secrets`` costs a system call per id)."""
+    return f"{_rng.getrandbits(64):016x}"
 
 
 def _after_fork_in_child() -> None:

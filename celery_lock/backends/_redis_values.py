@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import secrets
 from typing import Any, Final
+
+from celery_lock import _fork
 
 __all__ = [
     "GLOB_ESCAPES",
@@ -36,7 +37,7 @@ def tag_of(rest: str) -> str | None:
 
 def release_id() -> str:
     """A new id for one release call (it only has to differ between calls on one token)."""
-    return secrets.token_hex(8)
+    return _fork.random_hex()
 
 
 def encodable(key: str) -> bool:
