@@ -1526,3 +1526,29 @@ def test_an_old_free_file_already_gone_or_odd_is_left_alone(
     lease = manager.acquire("next")
     assert lease is not None and manager.release(lease)  # evicts "linked": two links, kept
     assert lock_path(manager, "linked").exists()
+
+
+@pytest.mark.parametrize("access_at", [True, False], ids=["faccessat", "no-faccessat"])
+def test_quiet_asks_the_directory_and_answers_like_a_full_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, access_at: bool
+) -> None:
+    """The hybrid's "no lease in files" question: absent names are answered by one access()
+    (no open that raises); where access() cannot be asked relative to a directory without
+    following links, every name is opened, with the same answers."""
+    monkeypatch.setattr(_lockdir, "_ACCESS_AT", access_at and _lockdir._ACCESS_AT)
+    manager = FileLockManager(tmp_path / "locks")
+    dir_fd = manager._files.dir_fd
+    name = file_name("k")
+    assert _lockdir.may_exist(dir_fd, name) is (not _lockdir._ACCESS_AT)
+    assert manager._quiet("k", name) and manager._quiet("k", name, "t1")
+    lease = manager.acquire("k", ttl=30)
+    assert lease is not None
+    assert _lockdir.may_exist(dir_fd, name)
+    assert not manager._quiet("k", name)  # held in files
+    assert manager.release(lease)
+    assert manager._quiet("k", name)  # the file stays, free
+    manager._mark_done("k", "t1", 30.0)
+    assert not manager._quiet("k", name, "t1")  # finished in files
+    assert manager._quiet("k", name, "t2")
+    os.symlink("/nonexistent/target", tmp_path / "locks" / "dangling.lock")
+    assert _lockdir.may_exist(dir_fd, "dangling.lock")  # a link is something: never followed

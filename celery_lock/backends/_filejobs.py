@@ -41,7 +41,13 @@ from celery_lock.backends._jobstate import (
     state_name,
     store,
 )
-from celery_lock.backends._lockdir import OPEN_CREATE, OPEN_WRITE, list_names, unlock_close
+from celery_lock.backends._lockdir import (
+    OPEN_CREATE,
+    OPEN_WRITE,
+    list_names,
+    may_exist,
+    unlock_close,
+)
 from celery_lock.backends._lockfiles import CORRUPT_GRACE, REOPEN_TRIES, Entry, Foreign
 from celery_lock.errors import LockError
 
@@ -318,7 +324,7 @@ def quiet(manager: FileLockManager, key: str, name: str, task_id: str | None = N
     """
     files = manager._files
     try:
-        if files.read(name) is not None:
+        if may_exist(files.dir_fd, name) and files.read(name) is not None:
             return False
         return task_id is None or not is_done(files.dir_fd, name, key, task_id, _time.time())
     except (OSError, LockError):

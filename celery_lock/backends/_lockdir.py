@@ -31,6 +31,7 @@ __all__ = [
     "default_directory",
     "fs_type",
     "list_names",
+    "may_exist",
     "network_fs_type",
     "open_directory",
     "unlock_close",
@@ -158,6 +159,19 @@ def list_names(dir_fd: int) -> list[str]:
         return os.listdir(fd)
     finally:
         os.close(fd)
+
+
+#: faccessat with AT_SYMLINK_NOFOLLOW relative to a directory descriptor (Linux, the BSDs).
+_ACCESS_AT: Final = os.access in os.supports_dir_fd and os.access in os.supports_follow_symlinks
+
+
+def may_exist(dir_fd: int, name: str) -> bool:
+    """False only when nothing is under ``name`` (one system call, no exception): a caller
+    that finds most names absent (the hybrid asks about every key Redis holds) skips an
+    ``open`` that would raise. True where that cannot be asked: open it to know."""
+    if not _ACCESS_AT:
+        return True
+    return os.access(name, os.F_OK, dir_fd=dir_fd, follow_symlinks=False)
 
 
 def unlock_close(fd: int) -> None:
