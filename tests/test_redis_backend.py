@@ -262,6 +262,11 @@ def test_fence_counter_expiry_follows_the_ttl(manager: RedisLockManager, client:
     assert 55_000 < client.pttl("celery_lock:{short}:fence") <= 60_000  # at least 60 s
     manager.acquire("long", ttl=100)
     assert 195_000 < client.pttl("celery_lock:{long}:fence") <= 200_000  # 2 x ttl
+    # A job's claim computes it the same way (in its script, like the acquire).
+    assert manager.claim("job-short", task_id="t1", ttl=1).outcome == "granted"
+    assert 55_000 < client.pttl("celery_lock:{job-short}:fence") <= 60_000
+    assert manager.claim("job-long", task_id="t2", ttl=100).outcome == "granted"
+    assert 195_000 < client.pttl("celery_lock:{job-long}:fence") <= 200_000
 
 
 def test_fences_strictly_increase_even_across_counter_loss(

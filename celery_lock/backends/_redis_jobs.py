@@ -72,7 +72,6 @@ class RedisJobs:
     ) -> Claim:
         name = self._name(key)
         now = _time.time()
-        ttl_ms = math.ceil(ttl * 1000)
         keys = (
             name,
             name + ":fence",
@@ -82,15 +81,12 @@ class RedisJobs:
             name + ":pending",
         )
         args = (
-            token,
-            self._meta(key, now, ttl, task_id, task_name),
-            ttl_ms,
-            max(ttl_ms * 2, scripts.MIN_FENCE_TTL_MS),
+            f"{token} {self._meta(key, now, ttl, task_id, task_name)}",
+            math.ceil(ttl * 1000),
             task_id,
             "1" if waiter is not None else "k" if waits else "0",
             b"" if waiter is None else waiter,
             math.ceil(done_ttl * 1000),
-            math.ceil(ttl * 1000),
         )
         if self._orphans:
             self._reap_orphans()

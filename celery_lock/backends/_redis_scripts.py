@@ -114,19 +114,22 @@ return fence  -- or the error reply of a counter out of range
 
 CLAIM: Final = _lua(
     _GRANT
+    + f"local min_fence_ms = {MIN_FENCE_TTL_MS}\n"
     + """
 -- Claim the lock for a job (a task id): ACQUIRE plus the job's done marker and waiter line.
 -- KEYS[1] lock key, KEYS[2] fence counter, KEYS[3] line, KEYS[4] wake-ups,
 -- KEYS[5] done marker of this task id, KEYS[6] coalescing marker (all under one hash tag)
--- ARGV[1] token, ARGV[2] metadata, ARGV[3] ttl (ms), ARGV[4] fence counter ttl (ms),
--- ARGV[5] task id, ARGV[6] '1' to wait in line when held, 'k' when the job will (it claims
--- again with its payload), '0' when it will not; ARGV[7] payload, ARGV[8] line ttl (ms),
--- ARGV[9] coalescing marker ttl (ms)
+-- ARGV[1] '<token> <metadata>', ARGV[2] ttl (ms) of the lease and of a coalescing marker,
+-- ARGV[3] task id, ARGV[4] '1' to wait in line when held, 'k' when the job will (it claims
+-- again with its payload), '0' when it will not; ARGV[5] payload, ARGV[6] line ttl (ms); the
+-- fence counter lives max(2 * ttl, min_fence_ms)
 -- returns {3} the task id already finished; {1, fence} granted; {2, fence} already ours;
 --         {0, pttl, value} held; {4, pttl, value} held, and the job waits in line
+local space = string.find(ARGV[1], ' ', 1, true)
+local mine = string.sub(ARGV[1], 1, space)
 -- A coalescing marker naming this job ends here, unless the job waits (or will wait) in line.
 local marker = redis.call('GET', KEYS[6])
-if marker and string.sub(marker, 3) == ARGV[5] then
+if marker and string.sub(marker, 3) == ARGV[3] then
   redis.call('DEL', KEYS[6])
   marker = true
 else
@@ -141,38 +144,39 @@ if value then
   if first == 126 then
     value = false  -- a tombstone: free
   elseif first == 64 then
-    if string.match(value, '^@%S+ %S+ (.*)$') == ARGV[5] then
+    if string.match(value, '^@%S+ %S+ (.*)$') == ARGV[3] then
       value = false  -- reserved for this job by a release
     end
-  elseif string.sub(value, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  elseif string.sub(value, 1, space) == mine then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {2, string.match(value, '^%S+ (%d+)')}
   end
 end
 if value then
   local pttl = redis.call('PTTL', KEYS[1])
-  if ARGV[6] ~= '1' then
-    if marker and ARGV[6] == 'k' then
-      redis.call('SET', KEYS[6], 'v ' .. ARGV[5], 'PX', ARGV[9])
+  if ARGV[4] ~= '1' then
+    if marker and ARGV[4] == 'k' then
+      redis.call('SET', KEYS[6], 'v ' .. ARGV[3], 'PX', ARGV[2])
     end
     return {0, pttl, value}
   end
   -- In line once per task id (a later copy replaces the payload, keeping the place).
-  if redis.call('HSET', KEYS[4], ARGV[5], ARGV[7]) == 1 then
-    redis.call('RPUSH', KEYS[3], ARGV[5])
+  if redis.call('HSET', KEYS[4], ARGV[3], ARGV[5]) == 1 then
+    redis.call('RPUSH', KEYS[3], ARGV[3])
   end
-  redis.call('PEXPIRE', KEYS[3], ARGV[8])
-  redis.call('PEXPIRE', KEYS[4], ARGV[8])
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+  redis.call('PEXPIRE', KEYS[4], ARGV[6])
   if marker then
-    redis.call('SET', KEYS[6], 'v ' .. ARGV[5], 'PX', ARGV[9])
+    redis.call('SET', KEYS[6], 'v ' .. ARGV[3], 'PX', ARGV[2])
   end
   return {4, pttl, value}
 end
 -- Free: granted; the job leaves the line if it was in it (it runs now).
-if redis.call('HDEL', KEYS[4], ARGV[5]) == 1 then
-  redis.call('LREM', KEYS[3], 0, ARGV[5])
+if redis.call('HDEL', KEYS[4], ARGV[3]) == 1 then
+  redis.call('LREM', KEYS[3], 0, ARGV[3])
 end
-local fence = grant(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+local fence = grant(KEYS[1], KEYS[2], string.sub(mine, 1, space - 1),
+  string.sub(ARGV[1], space + 1), ARGV[2], math.max(tonumber(ARGV[2]) * 2, min_fence_ms))
 if type(fence) == 'table' then
   return fence
 end
