@@ -33,6 +33,7 @@ from celery_lock.backends._jobstate import (
     JOBS_NAME,
     TMP_NAME,
     State,
+    done_name,
     done_until,
     is_done,
     load,
@@ -323,10 +324,15 @@ def quiet(manager: FileLockManager, key: str, name: str, task_id: str | None = N
     which reports why).
     """
     files = manager._files
+    dir_fd = files.dir_fd
     try:
-        if may_exist(files.dir_fd, name) and files.read(name) is not None:
+        # may_exist first: for a key Redis holds the files usually have nothing, and an open
+        # that raises FileNotFoundError costs more than the question.
+        if may_exist(dir_fd, name) and files.read(name) is not None:
             return False
-        return task_id is None or not is_done(files.dir_fd, name, key, task_id, _time.time())
+        if task_id is None or not may_exist(dir_fd, done_name(name, task_id)):
+            return True
+        return not is_done(dir_fd, name, key, task_id, _time.time())
     except (OSError, LockError):
         return False
 

@@ -28,10 +28,10 @@ import stat
 from typing import Final
 
 from celery_lock.backends import _filerecord
-from celery_lock.backends._lockdir import OPEN_READ, may_exist
+from celery_lock.backends._lockdir import OPEN_READ
 
 __all__ = ["JOBS_NAME", "MAX_STATE_BYTES", "TMP_NAME", "State", "is_done", "load", "mark_done"]
-__all__ += ["read", "state_name", "store"]
+__all__ += ["done_name", "read", "state_name", "store"]
 
 JOBS_NAME: Final = re.compile(r"[0-9a-f]{40}\.jobs\Z")
 DONE_NAME: Final = re.compile(r"[0-9a-f]{40}\.[0-9a-f]{16}\.done\Z")
@@ -175,10 +175,8 @@ def done_until(dir_fd: int, name: str, key: str | None, task_id: str | None) -> 
 
 
 def is_done(dir_fd: int, lock_name: str, key: str, task_id: str, now: float) -> bool:
-    """True while ``task_id`` of ``key`` is marked finished (one ``access`` when it is not)."""
+    """True while ``task_id`` of ``key`` is marked finished (one ``stat`` when it is not)."""
     name = done_name(lock_name, task_id)
-    if not may_exist(dir_fd, name):
-        return False
     until = done_until(dir_fd, name, key, task_id)
     if isinstance(until, str):
         _warn(dir_fd, name, until)

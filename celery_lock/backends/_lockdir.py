@@ -166,9 +166,14 @@ _ACCESS_AT: Final = os.access in os.supports_dir_fd and os.access in os.supports
 
 
 def may_exist(dir_fd: int, name: str) -> bool:
-    """False only when nothing is under ``name`` (one system call, no exception): a caller
-    that finds most names absent (the hybrid asks about every key Redis holds) skips an
-    ``open`` that would raise. True where that cannot be asked: open it to know."""
+    """False when nothing is under ``name`` (one system call, no exception): a caller that
+    finds most names absent (the hybrid asks about every key Redis holds) skips an ``open``
+    that would raise. True where that cannot be asked: open it to know.
+
+    ``os.access`` also answers False when the directory cannot be read at all (it keeps no
+    errno); the hybrid's answer is the same then, since an unusable directory leaves the key to
+    Redis alone either way.
+    """
     if not _ACCESS_AT:
         return True
     return os.access(name, os.F_OK, dir_fd=dir_fd, follow_symlinks=False)
