@@ -7,6 +7,7 @@ import gc
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from celery_lock.backends._circuit import Circuit
 
@@ -33,10 +34,10 @@ class Owner:
         self.ups += 1
 
 
-def wait_for(condition: object, seconds: float = 5.0) -> bool:
+def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
+        if condition():
             return True
         time.sleep(0.005)
     return False

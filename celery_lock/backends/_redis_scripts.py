@@ -29,7 +29,6 @@ __all__ = [
     "COALESCE",
     "EXTEND",
     "INSPECT",
-    "MIN_FENCE_TTL_MS",
     "RELEASE",
     "REMOVE_WAITER",
     "REVEAL",
@@ -51,8 +50,12 @@ def _lua(source: str) -> Lua:
 
 #: Lua: set the lock to ``"<token> <fence> <meta>"`` with a new fence; returns the fence, or an
 #: error reply (return it as is) for a counter that is not a number in range.
-_GRANT = """
-local function grant(lock, counter, token, meta, ttl_ms, counter_ttl_ms)
+_GRANT = (
+    f"local min_fence_ms = {MIN_FENCE_TTL_MS}\n"
+    + """
+local function grant(lock, counter, packed, space, ttl_ms)
+  -- packed is '<token> <metadata>' (one script argument: each costs the client about a
+  -- microsecond to encode), its first space at space.
   -- The fence is max(last fence + 1, server clock in microseconds): strictly increasing while
   -- the counter lives, and never below the clock, so grants a failed master handed out just
   -- before it died (lost with it: replication is asynchronous) are below every grant made
@@ -74,21 +77,22 @@ local function grant(lock, counter, token, meta, ttl_ms, counter_ttl_ms)
   end
   -- The counter expires with its key's use (arguments make keys unbounded); the clock term
   -- keeps a fresh counter above the old one's fences.
-  redis.call('SET', counter, fence, 'PX', counter_ttl_ms)
-  redis.call('SET', lock, token .. ' ' .. fence .. ' ' .. meta, 'PX', ttl_ms)
+  -- It lives max(2 * ttl, min_fence_ms): a Lua number, which Redis prints whole up to 10^17
+  -- (ttls stop at 2^31 s).
+  redis.call('SET', counter, fence, 'PX', math.max(tonumber(ttl_ms) * 2, min_fence_ms))
+  redis.call('SET', lock, string.sub(packed, 1, space) .. fence .. string.sub(packed, space),
+    'PX', ttl_ms)
   return fence
 end
 """
+)
 
 ACQUIRE: Final = _lua(
     _GRANT
-    + f"local min_fence_ms = {MIN_FENCE_TTL_MS}\n"
     + """
 -- Acquire, or confirm that we already hold the lock (a retried call after a lost reply).
 -- KEYS[1] lock key, KEYS[2] fence counter (same hash tag)
--- ARGV[1] '<token> <holder metadata (JSON)>' (one argument: each argument costs the client
--- about a microsecond to encode), ARGV[2] lease ttl (ms); the fence counter lives
--- max(2 * ttl, min_fence_ms)
+-- ARGV[1] '<token> <holder metadata (JSON)>', ARGV[2] lease ttl (ms)
 -- returns the fence (a bulk string: a reply table costs the server ~1 us more) when acquired
 --         or already ours (ttl refreshed); {0, pttl, value} when held by someone else (their
 --         value carries holder metadata; a reservation for a waiting job counts as held)
@@ -103,26 +107,19 @@ if value and string.byte(value, 1) ~= 126 then
   end
   return {0, redis.call('PTTL', KEYS[1]), value}
 end
--- A number, which Redis prints whole up to 10^17 (ttls stop at 2^31 s): string.format costs
--- a script here more than the rest of this branch.
-local counter_ttl = math.max(tonumber(ARGV[2]) * 2, min_fence_ms)
-local fence = grant(KEYS[1], KEYS[2], string.sub(mine, 1, space - 1),
-  string.sub(ARGV[1], space + 1), ARGV[2], counter_ttl)
-return fence  -- or the error reply of a counter out of range
+return grant(KEYS[1], KEYS[2], ARGV[1], space, ARGV[2])  -- or a counter's error reply
 """
 )
 
 CLAIM: Final = _lua(
     _GRANT
-    + f"local min_fence_ms = {MIN_FENCE_TTL_MS}\n"
     + """
 -- Claim the lock for a job (a task id): ACQUIRE plus the job's done marker and waiter line.
 -- KEYS[1] lock key, KEYS[2] fence counter, KEYS[3] line, KEYS[4] wake-ups,
 -- KEYS[5] done marker of this task id, KEYS[6] coalescing marker (all under one hash tag)
 -- ARGV[1] '<token> <metadata>', ARGV[2] ttl (ms) of the lease and of a coalescing marker,
 -- ARGV[3] task id, ARGV[4] '1' to wait in line when held, 'k' when the job will (it claims
--- again with its payload), '0' when it will not; ARGV[5] payload, ARGV[6] line ttl (ms); the
--- fence counter lives max(2 * ttl, min_fence_ms)
+-- again with its payload), '0' when it will not; ARGV[5] payload, ARGV[6] line ttl (ms)
 -- returns {3} the task id already finished; {1, fence} granted; {2, fence} already ours;
 --         {0, pttl, value} held; {4, pttl, value} held, and the job waits in line
 local space = string.find(ARGV[1], ' ', 1, true)
@@ -175,8 +172,7 @@ end
 if redis.call('HDEL', KEYS[4], ARGV[3]) == 1 then
   redis.call('LREM', KEYS[3], 0, ARGV[3])
 end
-local fence = grant(KEYS[1], KEYS[2], string.sub(mine, 1, space - 1),
-  string.sub(ARGV[1], space + 1), ARGV[2], math.max(tonumber(ARGV[2]) * 2, min_fence_ms))
+local fence = grant(KEYS[1], KEYS[2], ARGV[1], space, ARGV[2])
 if type(fence) == 'table' then
   return fence
 end

@@ -276,9 +276,8 @@ class RedisLockManager(RedisJobs, LockManager):
         while self._orphans:
             name, token = self._orphans[0]
             try:
-                reply = self._eval(
-                    scripts.RELEASE, 3, *release_keys(name, ""), self._release_arg(token)
-                )
+                keys = release_keys(name, "")
+                reply = self._eval(scripts.RELEASE, len(keys), *keys, self._release_arg(token))
             except _CLIENT_ERRORS:
                 return  # still unreachable: try again next time
             if isinstance(reply, list):
@@ -295,20 +294,15 @@ class RedisLockManager(RedisJobs, LockManager):
         try:
             # One release id per call: redis-py's own retry of this command (after a lost
             # reply) re-sends the same id and is recognised by the script; any other call is not.
-            if finished:
-                reply = self._eval(
-                    scripts.RELEASE,
-                    4,
-                    *release_keys(name, finished),
-                    self._release_arg(lease.token),
-                    finished,
-                    max(1, math.ceil(done_ttl * 1000)),
-                    "1" if mark else "0",
-                )
-            else:
-                reply = self._eval(
-                    scripts.RELEASE, 3, *release_keys(name, ""), self._release_arg(lease.token)
-                )
+            keys = release_keys(name, finished)
+            job = (finished, max(1, math.ceil(done_ttl * 1000)), "1" if mark else "0")
+            reply = self._eval(
+                scripts.RELEASE,
+                len(keys),
+                *keys,
+                self._release_arg(lease.token),
+                *(job if finished else ()),
+            )
         except _CLIENT_ERRORS as exc:
             # Whether the server ran the script is unknown. The lease keeps its token, so a
             # later call can still release it if this one never arrived (redis/redis-py#3847,
