@@ -183,7 +183,7 @@ def test_clean_removes_stale_temp_and_unreadable_state_files_and_expired_lines(
     old = time.time() - 60
     for path in (temp, unreadable):
         os.utime(path, (old, old))
-    time.sleep(0.1)
+    time.sleep(0.1)  # b's place in line (done_ttl 50 ms) expires: the expiry is under test
     manager.clean()
     assert not temp.exists() and not unreadable.exists()
     assert fresh.exists()  # unreadable, but within the grace: a writer may be at work
