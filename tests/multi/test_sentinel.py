@@ -170,7 +170,14 @@ def test_watcher_resubscribes_to_a_restarted_sentinel(
     wait_for(lambda: watcher.subscribed == 2, timeout=10, what="the lost subscription")
     sentinel_group.restart(node)
     wait_for(lambda: watcher.subscribed == 3, timeout=15, what="the subscription again")
-    messages = [(r.levelno, r.getMessage()) for r in caplog.records if name in r.getMessage()]
+
+    def logged() -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records if name in r.getMessage()]
+
+    # The watcher counts the subscription before it logs the recovery (outside its mutex): a
+    # reader that saw the count can be ahead of the line.
+    wait_for(lambda: len(logged()) >= 2, timeout=5, what="the recovery's log line")
+    messages = logged()
     assert [level for level, _ in messages] == [logging.WARNING, logging.INFO], messages
     assert "unreachable" in messages[0][1]
     assert "reachable again" in messages[1][1]
