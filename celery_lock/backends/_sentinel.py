@@ -15,8 +15,9 @@ Two parts, with public redis-py API only:
 * :class:`SwitchWatcher` runs one small daemon thread per sentinel, subscribed to
   ``+switch-master``. On an announcement for our master it reads that sentinel's view
   (``SENTINEL MASTERS``: address and ``config-epoch``), keeps the newest one as a hint, and
-  disconnects every connection of the master pool, in use or idle
-  (``ConnectionPool.disconnect()``), so the next command reconnects.
+  points the master pool at the new master (``get_master_address()``): idle connections are
+  closed, and each one in use is dropped when it is released (the pool no longer owns it), so
+  the next command reconnects.
 * :class:`FollowingSentinel` (a ``redis.sentinel.Sentinel``) discovers the master as redis-py
   does, but when the answer differs from the watcher's hint it asks every sentinel and takes
   the address with the highest ``config-epoch``: a sentinel that has not caught up yet cannot
@@ -43,7 +44,7 @@ from typing import Any, Final, NamedTuple, cast
 
 import redis
 from redis.connection import ConnectionPool
-from redis.sentinel import MasterNotFoundError, Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
 from celery_lock import _fork
 
@@ -251,9 +252,16 @@ class SwitchWatcher:
             view.epoch,
             extra={"backend": "redis"},
         )
-        # Every connection, also those in use (a manager keeps one for its scripts):
-        # redis-py itself closes only idle ones, and only once it asks the sentinels again.
-        pool.disconnect()
+        # Point the pool at the new master now (our discover_master: the newest view by
+        # epoch), not when its next connection asks: redis-py then closes the idle connections,
+        # and drops each one in use when it is released, since the pool no longer owns a
+        # connection to the old address. Closing in-use connections here instead would close a
+        # socket under a thread reading from it: redis-py's parser then raises AttributeError,
+        # which reached callers of acquire() during a failover.
+        if isinstance(pool, SentinelConnectionPool):
+            with contextlib.suppress(redis.RedisError):
+                pool.get_master_address()  # type: ignore[no-untyped-call,unused-ignore]
+        pool.disconnect(inuse_connections=False)
 
     def _reached(self, name: str) -> None:
         with self._mutex:
