@@ -73,6 +73,24 @@ def test_outcomes_fifo_hand_off_and_done_markers(manager: Any) -> None:
     assert jobs.claim("k", task_id="c", ttl=30).outcome == "granted"  # no marker: mark=False
 
 
+def test_task_ids_with_spaces_and_newlines_are_whole_ids(manager: Any) -> None:
+    # Celery task ids are any string a producer chose; the Redis scripts take the task id as
+    # the last field of a packed argument, so "a b" must never be read as "a" (or "b").
+    jobs, handed = manager
+    first = jobs.claim("k", task_id="a b", ttl=30)
+    assert first.outcome == "granted"
+    assert jobs.claim("k", task_id="a", ttl=30).holder_task_id == "a b"
+    assert jobs.claim("k", task_id="c d\ne", ttl=30, waiter=b"").outcome == "queued"
+    assert jobs.claim("k", task_id="a b", ttl=30, waiter=b"copy").outcome == "queued"
+    assert jobs.waiting("k") == ["c d\ne", "a b"]
+    assert jobs.finish(first.lease, done_ttl=60, mark=True)
+    assert handed == [("k", "c d\ne", b"")]
+    assert jobs.waiting("k") == []  # the finished job's own copy left the line
+    assert jobs.claim("k", task_id="a b", ttl=30).outcome == "finished"
+    assert jobs.claim("k", task_id="a", ttl=30).outcome == "held"  # reserved for the waiter
+    assert jobs.claim("k", task_id="c d\ne", ttl=30).outcome == "granted"
+
+
 def test_copies_of_the_holder_in_line_are_dropped_by_its_finish(manager: Any) -> None:
     jobs, handed = manager
     held = jobs.claim("k", task_id="a", ttl=30).lease

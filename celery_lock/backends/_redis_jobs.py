@@ -80,14 +80,13 @@ class RedisJobs:
             done_key(name, task_id),
             name + ":pending",
         )
-        args = (
-            f"{token} {self._meta(key, now, ttl, task_id, task_name)}",
-            math.ceil(ttl * 1000),
-            task_id,
-            "1" if waiter is not None else "k" if waits else "0",
-            b"" if waiter is None else waiter,
-            math.ceil(done_ttl * 1000),
+        wait = "1" if waiter is not None else "k" if waits else "0"
+        args: tuple[str | bytes, ...] = (
+            f"{math.ceil(ttl * 1000)} {token} {self._meta(key, now, ttl, task_id, task_name)}",
+            f"{math.ceil(done_ttl * 1000)} {wait} {task_id}",
         )
+        if waiter is not None:
+            args += (waiter,)
         if self._orphans:
             self._reap_orphans()
         try:

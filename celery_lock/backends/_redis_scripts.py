@@ -53,9 +53,9 @@ def _lua(source: str) -> Lua:
 _GRANT = (
     f"local min_fence_ms = {MIN_FENCE_TTL_MS}\n"
     + """
-local function grant(lock, counter, packed, space, ttl_ms)
-  -- packed is '<token> <metadata>' (one script argument: each costs the client about a
-  -- microsecond to encode), its first space at space.
+local function grant(lock, counter, packed, from, space, ttl_ms)
+  -- packed is '<ttl> <token> <metadata>' (one script argument: each costs the client about a
+  -- microsecond to encode), the token from index from up to the space at index space.
   -- The fence is max(last fence + 1, server clock in microseconds): strictly increasing while
   -- the counter lives, and never below the clock, so grants a failed master handed out just
   -- before it died (lost with it: replication is asynchronous) are below every grant made
@@ -80,9 +80,17 @@ local function grant(lock, counter, packed, space, ttl_ms)
   -- It lives max(2 * ttl, min_fence_ms): a Lua number, which Redis prints whole up to 10^17
   -- (ttls stop at 2^31 s).
   redis.call('SET', counter, fence, 'PX', math.max(tonumber(ttl_ms) * 2, min_fence_ms))
-  redis.call('SET', lock, string.sub(packed, 1, space) .. fence .. string.sub(packed, space),
+  redis.call('SET', lock, string.sub(packed, from, space) .. fence .. string.sub(packed, space),
     'PX', ttl_ms)
   return fence
+end
+
+-- The parts of a packed '<ttl (ms)> <token> <metadata>': the ttl, where the token starts, the
+-- index of the space after it, and the token with that space (a token never has a space).
+local function unpack_grant(packed)
+  local from = string.find(packed, ' ', 1, true) + 1
+  local space = string.find(packed, ' ', from, true)
+  return string.sub(packed, 1, from - 2), from, space, string.sub(packed, from, space)
 end
 """
 )
@@ -92,22 +100,21 @@ ACQUIRE: Final = _lua(
     + """
 -- Acquire, or confirm that we already hold the lock (a retried call after a lost reply).
 -- KEYS[1] lock key, KEYS[2] fence counter (same hash tag)
--- ARGV[1] '<token> <holder metadata (JSON)>', ARGV[2] lease ttl (ms)
+-- ARGV[1] '<lease ttl (ms)> <token> <holder metadata (JSON)>'
 -- returns the fence (a bulk string: a reply table costs the server ~1 us more) when acquired
 --         or already ours (ttl refreshed); {0, pttl, value} when held by someone else (their
 --         value carries holder metadata; a reservation for a waiting job counts as held)
-local space = string.find(ARGV[1], ' ', 1, true)
-local mine = string.sub(ARGV[1], 1, space)
+local ttl, from, space, mine = unpack_grant(ARGV[1])
 local value = redis.call('GET', KEYS[1])
 -- A value starting with '~' is a released lock's tombstone (see RELEASE): free.
 if value and string.byte(value, 1) ~= 126 then
-  if string.sub(value, 1, space) == mine then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if string.sub(value, 1, #mine) == mine then
+    redis.call('PEXPIRE', KEYS[1], ttl)
     return string.match(value, '^%S+ (%d+)')
   end
   return {0, redis.call('PTTL', KEYS[1]), value}
 end
-return grant(KEYS[1], KEYS[2], ARGV[1], space, ARGV[2])  -- or a counter's error reply
+return grant(KEYS[1], KEYS[2], ARGV[1], from, space, ttl)  -- or a counter's error reply
 """
 )
 
@@ -117,16 +124,17 @@ CLAIM: Final = _lua(
 -- Claim the lock for a job (a task id): ACQUIRE plus the job's done marker and waiter line.
 -- KEYS[1] lock key, KEYS[2] fence counter, KEYS[3] line, KEYS[4] wake-ups,
 -- KEYS[5] done marker of this task id, KEYS[6] coalescing marker (all under one hash tag)
--- ARGV[1] '<token> <metadata>', ARGV[2] ttl (ms) of the lease and of a coalescing marker,
--- ARGV[3] task id, ARGV[4] '1' to wait in line when held, 'k' when the job will (it claims
--- again with its payload), '0' when it will not; ARGV[5] payload, ARGV[6] line ttl (ms)
+-- ARGV[1] '<ttl (ms) of the lease and of a coalescing marker> <token> <metadata>',
+-- ARGV[2] '<line ttl (ms)> <wait> <task id>', wait '1' to wait in line when held, 'k' when the
+-- job will (it claims again with its payload), '0' when it will not; ARGV[3] the payload
+-- (only with '1')
 -- returns {3} the task id already finished; {1, fence} granted; {2, fence} already ours;
 --         {0, pttl, value} held; {4, pttl, value} held, and the job waits in line
-local space = string.find(ARGV[1], ' ', 1, true)
-local mine = string.sub(ARGV[1], 1, space)
+local ttl, from, space, mine = unpack_grant(ARGV[1])
+local line_ttl, wait, task_id = string.match(ARGV[2], '^(%d+) (%S) (.*)$')
 -- A coalescing marker naming this job ends here, unless the job waits (or will wait) in line.
 local marker = redis.call('GET', KEYS[6])
-if marker and string.sub(marker, 3) == ARGV[3] then
+if marker and string.sub(marker, 3) == task_id then
   redis.call('DEL', KEYS[6])
   marker = true
 else
@@ -141,38 +149,38 @@ if value then
   if first == 126 then
     value = false  -- a tombstone: free
   elseif first == 64 then
-    if string.match(value, '^@%S+ %S+ (.*)$') == ARGV[3] then
+    if string.match(value, '^@%S+ %S+ (.*)$') == task_id then
       value = false  -- reserved for this job by a release
     end
-  elseif string.sub(value, 1, space) == mine then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  elseif string.sub(value, 1, #mine) == mine then
+    redis.call('PEXPIRE', KEYS[1], ttl)
     return {2, string.match(value, '^%S+ (%d+)')}
   end
 end
 if value then
   local pttl = redis.call('PTTL', KEYS[1])
-  if ARGV[4] ~= '1' then
-    if marker and ARGV[4] == 'k' then
-      redis.call('SET', KEYS[6], 'v ' .. ARGV[3], 'PX', ARGV[2])
+  if wait ~= '1' then
+    if marker and wait == 'k' then
+      redis.call('SET', KEYS[6], 'v ' .. task_id, 'PX', ttl)
     end
     return {0, pttl, value}
   end
   -- In line once per task id (a later copy replaces the payload, keeping the place).
-  if redis.call('HSET', KEYS[4], ARGV[3], ARGV[5]) == 1 then
-    redis.call('RPUSH', KEYS[3], ARGV[3])
+  if redis.call('HSET', KEYS[4], task_id, ARGV[3]) == 1 then
+    redis.call('RPUSH', KEYS[3], task_id)
   end
-  redis.call('PEXPIRE', KEYS[3], ARGV[6])
-  redis.call('PEXPIRE', KEYS[4], ARGV[6])
+  redis.call('PEXPIRE', KEYS[3], line_ttl)
+  redis.call('PEXPIRE', KEYS[4], line_ttl)
   if marker then
-    redis.call('SET', KEYS[6], 'v ' .. ARGV[3], 'PX', ARGV[2])
+    redis.call('SET', KEYS[6], 'v ' .. task_id, 'PX', ttl)
   end
   return {4, pttl, value}
 end
 -- Free: granted; the job leaves the line if it was in it (it runs now).
-if redis.call('HDEL', KEYS[4], ARGV[3]) == 1 then
-  redis.call('LREM', KEYS[3], 0, ARGV[3])
+if redis.call('HDEL', KEYS[4], task_id) == 1 then
+  redis.call('LREM', KEYS[3], 0, task_id)
 end
-local fence = grant(KEYS[1], KEYS[2], ARGV[1], space, ARGV[2])
+local fence = grant(KEYS[1], KEYS[2], ARGV[1], from, space, ttl)
 if type(fence) == 'table' then
   return fence
 end
@@ -212,8 +220,8 @@ RELEASE: Final = _lua(
 -- above a client's socket timeout times its retries.
 -- KEYS[1] lock key, KEYS[2] line, KEYS[3] wake-ups, and for a finished job KEYS[4] its done
 -- marker; ARGV[1] '<token> <release id> <reservation ttl (ms)>' (one argument: each costs the
--- client about a microsecond to encode); for a finished job also ARGV[2] its task id,
--- ARGV[3] done marker ttl (ms), ARGV[4] '1' to mark it done even with no copy in line
+-- client about a microsecond to encode); for a finished job also ARGV[2] '<done marker ttl
+-- (ms)> <mark> <task id>', mark '1' to mark it done even with no copy in line
 -- returns 1 released (by this call, or by an earlier attempt of it whose reply was lost);
 --         {1, task id, payload} released and handed to that waiting job;
 --         0 not ours (expired, taken over or released by another call: left alone)
@@ -225,12 +233,13 @@ end
 if string.sub(value, 1, #token + 1) == token .. ' ' then
   if KEYS[4] then
     -- Copies of the finished job waiting in line are dropped, and later ones refused.
-    local copies = redis.call('HDEL', KEYS[3], ARGV[2])
+    local done_ms, mark, task_id = string.match(ARGV[2], '^(%d+) (%S) (.*)$')
+    local copies = redis.call('HDEL', KEYS[3], task_id)
     if copies == 1 then
-      redis.call('LREM', KEYS[2], 0, ARGV[2])
+      redis.call('LREM', KEYS[2], 0, task_id)
     end
-    if copies == 1 or ARGV[4] == '1' then
-      redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
+    if copies == 1 or mark == '1' then
+      redis.call('SET', KEYS[4], '1', 'PX', done_ms)
     end
   end
   local turn = hand_off(KEYS[1], KEYS[2], KEYS[3], rid .. ' ' .. token, reserve_ms)

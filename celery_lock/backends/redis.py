@@ -226,8 +226,7 @@ class RedisLockManager(RedisJobs, LockManager):
         args = (
             name,
             name + ":fence",
-            f"{token} {self._meta(key, now, ttl, task_id, task_name)}",
-            math.ceil(ttl * 1000),
+            f"{math.ceil(ttl * 1000)} {token} {self._meta(key, now, ttl, task_id, task_name)}",
         )
         if self._orphans:
             self._reap_orphans()
@@ -245,7 +244,7 @@ class RedisLockManager(RedisJobs, LockManager):
         return self._replicated(lease)
 
     def _acquire_again(
-        self, key: str, token: str, args: tuple[str, str, str, int], error: BaseException | None
+        self, key: str, token: str, args: tuple[str, str, str], error: BaseException | None
     ) -> Any:
         """Run the acquire script once more with the same token (after ``error``, if any)."""
         if error is not None and not is_connection_error(error):
@@ -295,14 +294,11 @@ class RedisLockManager(RedisJobs, LockManager):
             # One release id per call: redis-py's own retry of this command (after a lost
             # reply) re-sends the same id and is recognised by the script; any other call is not.
             keys = release_keys(name, finished)
-            job = (finished, max(1, math.ceil(done_ttl * 1000)), "1" if mark else "0")
-            reply = self._eval(
-                scripts.RELEASE,
-                len(keys),
-                *keys,
-                self._release_arg(lease.token),
-                *(job if finished else ()),
-            )
+            args: tuple[str, ...] = (self._release_arg(lease.token),)
+            if finished:
+                done_ms = max(1, math.ceil(done_ttl * 1000))
+                args += (f"{done_ms} {'1' if mark else '0'} {finished}",)
+            reply = self._eval(scripts.RELEASE, len(keys), *keys, *args)
         except _CLIENT_ERRORS as exc:
             # Whether the server ran the script is unknown. The lease keeps its token, so a
             # later call can still release it if this one never arrived (redis/redis-py#3847,
