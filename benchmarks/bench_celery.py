@@ -107,9 +107,8 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {f: [] for f in flavours}
         try:
             for repeat in range(args.repeats):
-                # Interleaved so drift hits every flavour, and rotated: the flavour measured
-                # first after a worker stopped published ~15 % slower (plain, when it always
-                # came first, made every other flavour look faster at publishing than no lock).
+                # Interleaved so drift hits every flavour, and rotated so that no flavour is
+                # always the one measured right after the previous repeat's worker stopped.
                 shift = repeat % len(flavours)
                 for flavour in flavours[shift:] + flavours[:shift]:
                     broker.flushdb()
