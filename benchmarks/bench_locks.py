@@ -6,12 +6,19 @@ same run: the raw redis-py ``SET NX PX`` + ``EVALSHA`` compare-and-delete cycle 
 ``filelock.FileLock`` for file locks.
 
     python -m benchmarks.bench_locks [--seconds 0.25] [--rounds 15] [--handoffs 40]
+                                     [--pin same|split]
+
+``--pin`` (Linux) puts this process and the redis-server on one CPU (``same``: every
+microsecond of client and server work adds up, so the Redis ratios compare total CPU cost) or
+on two (``split``); unpinned, the scheduler decides, and how much client and server work
+overlaps on the two cores moves the Redis ratios by about 0.1.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import random
 import statistics
 import tempfile
@@ -180,17 +187,35 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def pin(server: RedisServer, how: str) -> None:
+    """Pin this process to CPU 0 and the server to CPU 0 (``same``) or 1 (``split``)."""
+    if not hasattr(os, "sched_setaffinity") or server.proc is None:
+        raise SystemExit("--pin needs os.sched_setaffinity (Linux)")
+    cpus = sorted(os.sched_getaffinity(0))
+    if how == "split" and len(cpus) < 2:
+        raise SystemExit("--pin split needs two CPUs")
+    os.sched_setaffinity(0, {cpus[0]})
+    os.sched_setaffinity(server.proc.pid, {cpus[0] if how == "same" else cpus[1]})
+    print(
+        f"pinned: this process on CPU {cpus[0]}, redis-server on "
+        f"CPU {cpus[0] if how == 'same' else cpus[1]}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=0.25, help="per sample")
     parser.add_argument("--rounds", type=int, default=15, help="samples per implementation")
     parser.add_argument("--handoffs", type=int, default=40)
+    parser.add_argument("--pin", choices=("same", "split"), help="CPU placement (Linux)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="celery_lock-bench-") as tmp:
         server = RedisServer(Path(tmp, "redis"))
         server.start()
         try:
+            if args.pin:
+                pin(server, args.pin)
             impls = cycles(server.url, Path(tmp))
             samples: dict[str, list[float]] = {name: [] for name in impls}
             names = list(impls)
