@@ -188,7 +188,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 def pin(server: RedisServer, how: str) -> None:
-    """Pin this process to CPU 0 and the server to CPU 0 (``same``) or 1 (``split``)."""
+    """Pin this process to the first CPU it may use, and the server to that one (``same``) or
+    the next (``split``)."""
     if not hasattr(os, "sched_setaffinity") or server.proc is None:
         raise SystemExit("--pin needs os.sched_setaffinity (Linux)")
     cpus = sorted(os.sched_getaffinity(0))
