@@ -53,9 +53,9 @@ def _lua(source: str) -> Lua:
 _GRANT = (
     f"local min_fence_ms = {MIN_FENCE_TTL_MS}\n"
     + """
-local function grant(lock, counter, packed, from, space, ttl_ms)
+local function grant(lock, counter, packed, mine, space, ttl_ms)
   -- packed is '<ttl> <token> <metadata>' (one script argument: each costs the client about a
-  -- microsecond to encode), the token from index from up to the space at index space.
+  -- microsecond to encode), mine its '<token> ', space the index of the space after the token.
   -- The fence is max(last fence + 1, server clock in microseconds): strictly increasing while
   -- the counter lives, and never below the clock, so grants a failed master handed out just
   -- before it died (lost with it: replication is asynchronous) are below every grant made
@@ -80,17 +80,16 @@ local function grant(lock, counter, packed, from, space, ttl_ms)
   -- It lives max(2 * ttl, min_fence_ms): a Lua number, which Redis prints whole up to 10^17
   -- (ttls stop at 2^31 s).
   redis.call('SET', counter, fence, 'PX', math.max(tonumber(ttl_ms) * 2, min_fence_ms))
-  redis.call('SET', lock, string.sub(packed, from, space) .. fence .. string.sub(packed, space),
-    'PX', ttl_ms)
+  redis.call('SET', lock, mine .. fence .. string.sub(packed, space), 'PX', ttl_ms)
   return fence
 end
 
--- The parts of a packed '<ttl (ms)> <token> <metadata>': the ttl, where the token starts, the
--- index of the space after it, and the token with that space (a token never has a space).
+-- The parts of a packed '<ttl (ms)> <token> <metadata>': the ttl, the index of the space after
+-- the token, and the token with that space (a token never has a space).
 local function unpack_grant(packed)
   local from = string.find(packed, ' ', 1, true) + 1
   local space = string.find(packed, ' ', from, true)
-  return string.sub(packed, 1, from - 2), from, space, string.sub(packed, from, space)
+  return string.sub(packed, 1, from - 2), space, string.sub(packed, from, space)
 end
 """
 )
@@ -104,7 +103,7 @@ ACQUIRE: Final = _lua(
 -- returns the fence (a bulk string: a reply table costs the server ~1 us more) when acquired
 --         or already ours (ttl refreshed); {0, pttl, value} when held by someone else (their
 --         value carries holder metadata; a reservation for a waiting job counts as held)
-local ttl, from, space, mine = unpack_grant(ARGV[1])
+local ttl, space, mine = unpack_grant(ARGV[1])
 local value = redis.call('GET', KEYS[1])
 -- A value starting with '~' is a released lock's tombstone (see RELEASE): free.
 if value and string.byte(value, 1) ~= 126 then
@@ -114,7 +113,7 @@ if value and string.byte(value, 1) ~= 126 then
   end
   return {0, redis.call('PTTL', KEYS[1]), value}
 end
-return grant(KEYS[1], KEYS[2], ARGV[1], from, space, ttl)  -- or a counter's error reply
+return grant(KEYS[1], KEYS[2], ARGV[1], mine, space, ttl)  -- or a counter's error reply
 """
 )
 
@@ -130,7 +129,7 @@ CLAIM: Final = _lua(
 -- (only with '1')
 -- returns {3} the task id already finished; {1, fence} granted; {2, fence} already ours;
 --         {0, pttl, value} held; {4, pttl, value} held, and the job waits in line
-local ttl, from, space, mine = unpack_grant(ARGV[1])
+local ttl, space, mine = unpack_grant(ARGV[1])
 local line_ttl, wait, task_id = string.match(ARGV[2], '^(%d+) (%S) (.*)$')
 -- A coalescing marker naming this job ends here, unless the job waits (or will wait) in line.
 local marker = redis.call('GET', KEYS[6])
@@ -180,7 +179,7 @@ end
 if redis.call('HDEL', KEYS[4], task_id) == 1 then
   redis.call('LREM', KEYS[3], 0, task_id)
 end
-local fence = grant(KEYS[1], KEYS[2], ARGV[1], from, space, ttl)
+local fence = grant(KEYS[1], KEYS[2], ARGV[1], mine, space, ttl)
 if type(fence) == 'table' then
   return fence
 end
