@@ -27,10 +27,13 @@ from pathlib import Path
 import redis
 from celery import Celery
 
+from benchmarks._env import versions
 from tests._redis_server import RedisServer
 
 #: ``*_co``: the same task with ``lock_coalesce=True`` (unique arguments: nothing to share, so
 #: this is the cost of looking, paid at publish time).
+#: Packages whose versions the figures depend on.
+PACKAGES = ("celery", "kombu", "redis", "hiredis", "celery-once", "celery-singleton")
 FLAVOURS = ["plain", "execution", "queue", "execution_co", "queue_co", "once", "singleton"]
 
 
@@ -105,6 +108,7 @@ def main() -> None:
         wanted = {"plain", *args.flavours.split(",")}
         flavours = [f for f in FLAVOURS if f in wanted and f"bench.{f}" in app.tasks]
         results: dict[str, list[tuple[float, float]]] = {f: [] for f in flavours}
+        ran_on = versions(PACKAGES, broker)
         try:
             for repeat in range(args.repeats):
                 # Interleaved so drift hits every flavour, and rotated so that no flavour is
@@ -124,7 +128,7 @@ def main() -> None:
     base_pub = statistics.median(n / p for p, _ in base)
     base_drain = statistics.median(n / d for _, d in base)
     base_e2e = statistics.median(n / (p + d) for p, d in base)
-    print(f"\n{n} no-op tasks, prefork -c 2, Redis broker; median of {args.repeats}")
+    print(f"\n{ran_on}\n{n} no-op tasks, prefork -c 2, Redis broker; median of {args.repeats}")
     print("{:12} {:>10} {:>10} {:>10}   {:>22}".format(
         "flavour", "publish/s", "drain/s", "e2e/s", "vs plain (pub/drain/e2e)"))  # fmt: skip
     for flavour, runs in results.items():

@@ -28,7 +28,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks._env import versions
 from tests._redis_server import RedisServer
+
+#: Packages whose versions the figures depend on (baselines move with them).
+PACKAGES = ("redis", "hiredis", "filelock", "python-redis-lock")
+#: (implementation, baseline, target ratio): the goals docs/performance.md reports against.
+TARGETS = (
+    ("RedisLockManager", "raw redis-py SET NX PX + EVALSHA", 0.85),
+    ("RedisLockManager", "redis-py Lock", 0.9),
+    ("FileLockManager", "filelock FileLock", 2.5),
+)
 
 RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -228,12 +238,15 @@ def main() -> None:
                     samples[name].append(rate(impls[name], args.seconds))
             raw_name, file_name = "raw redis-py SET NX PX + EVALSHA", "filelock FileLock"
 
-            def paired(name: str, base: str) -> float:
-                pairs = zip(samples[name], samples[base], strict=True)
-                return statistics.median(a / b for a, b in pairs)
+            def per_round(name: str, base: str) -> list[float]:
+                return [a / b for a, b in zip(samples[name], samples[base], strict=True)]
 
+            def paired(name: str, base: str) -> float:
+                return statistics.median(per_round(name, base))
+
+            print("\n" + versions(PACKAGES, server.client()))
             print(
-                f"\nuncontended acquire+release, {args.rounds} rounds x {args.seconds:g} s; "
+                f"uncontended acquire+release, {args.rounds} rounds x {args.seconds:g} s; "
                 "ratios: median of per-round ratios"
             )
             header = ("implementation", "ops/s", "us/op", "vs raw", "vs filelock")
@@ -245,9 +258,20 @@ def main() -> None:
                     f"{name:36} {value:9.0f} {1e6 / value:8.1f} "
                     f"{paired(name, raw_name):7.2f} {vs_file:>11}"
                 )
-            if "redis-py Lock" in samples:
-                vs_lock = paired("RedisLockManager", "redis-py Lock")
-                print(f"RedisLockManager vs redis-py Lock: {vs_lock:.2f}")
+            print("\ntargets: median of per-round ratios [quartiles of them], rounds at or above")
+            for name, base, goal in TARGETS:
+                if base not in samples:
+                    print(f"{name} vs {base}: baseline not installed")
+                    continue
+                ratios = per_round(name, base)
+                low = high = ratios[0]
+                if len(ratios) > 1:
+                    low, _, high = statistics.quantiles(ratios, n=4)
+                met = sum(r >= goal for r in ratios)
+                print(
+                    f"{name} vs {base} >= {goal:g}: {statistics.median(ratios):.2f} "
+                    f"[{low:.2f}-{high:.2f}], {met} of {len(ratios)} rounds"
+                )
 
             print(
                 f"\nQUEUE hand-off latency (release -> waiting process acquires), n={args.handoffs}"
