@@ -96,12 +96,20 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def send_in_order(stack: Stack, ns: range, seconds: float) -> list[Any]:
-    """QUEUE calls sent 50 ms apart, after the first one started (a defined arrival order)."""
-    results = [stack.send("q.serial", ns[0], seconds)]
-    wait_for(lambda: stack.events("start"), 20, what="the first call to start")
-    for n in ns[1:]:
-        time.sleep(0.05)
-        results.append(stack.send("q.serial", n, seconds))
+    """QUEUE calls, each sent once the one before it has started or joined the key's line: the
+    order in which they reach the lock is then the order they were sent in. (Sent 50 ms apart
+    instead, they reached it out of order when a loaded machine held the worker's dispatch to
+    its pool for 300 ms: a lock can only order the calls it has seen.)"""
+    results: list[Any] = []
+    for n in ns:
+        result = stack.send("q.serial", n, seconds)
+        results.append(result)
+
+        def arrived(task_id: str = result.id) -> bool:
+            seen = stack.events("start") + stack.events("requeued")
+            return any(e["task_id"] == task_id for e in seen)
+
+        wait_for(arrived, 20, what=f"call {n} to start or join the line")
     return results
 
 
