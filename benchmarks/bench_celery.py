@@ -35,10 +35,10 @@ from celery import Celery
 from benchmarks._env import versions
 from tests._redis_server import RedisServer
 
-#: ``*_co``: the same task with ``lock_coalesce=True`` (unique arguments: nothing to share, so
-#: this is the cost of looking, paid at publish time).
 #: Packages whose versions the figures depend on.
 PACKAGES = ("celery", "kombu", "redis", "hiredis", "celery-once", "celery-singleton")
+#: ``*_co``: the same task with ``lock_coalesce=True`` (unique arguments: nothing to share, so
+#: this is the cost of looking, paid at publish time).
 FLAVOURS = ["plain", "execution", "queue", "execution_co", "queue_co", "once", "singleton"]
 
 
