@@ -44,14 +44,8 @@ class RedisJobs:
             self, script: scripts.Lua, numkeys: int, *keys_and_args: str | int | bytes
         ) -> Any: ...
         def _name(self, key: str) -> str: ...
-        def _grant_arg(
-            self,
-            key: str,
-            now: float,
-            ttl: float,
-            token: str,
-            task_id: str | None,
-            task_name: str | None,
+        def _meta(
+            self, key: str, now: float, ttl: float, task_id: str | None, task_name: str | None
         ) -> str: ...
         def _reap_orphans(self) -> None: ...
         def _replicated(self, lease: Lease) -> Lease: ...
@@ -88,7 +82,7 @@ class RedisJobs:
         )
         wait = "1" if waiter is not None else "k" if waits else "0"
         args: tuple[str | bytes, ...] = (
-            self._grant_arg(key, now, ttl, token, task_id, task_name),
+            scripts.grant_arg(ttl, token, self._meta(key, now, ttl, task_id, task_name)),
             f"{math.ceil(done_ttl * 1000)} {wait} {task_id}",
         )
         if waiter is not None:

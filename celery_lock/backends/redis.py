@@ -226,7 +226,7 @@ class RedisLockManager(RedisJobs, LockManager):
         args = (
             name,
             name + ":fence",
-            self._grant_arg(key, now, ttl, token, task_id, task_name),
+            scripts.grant_arg(ttl, token, self._meta(key, now, ttl, task_id, task_name)),
         )
         if self._orphans:
             self._reap_orphans()
@@ -242,18 +242,6 @@ class RedisLockManager(RedisJobs, LockManager):
         # now was taken before sending, so expires_at is never later than the server's expiry.
         lease = Lease(key, token, int(reply), "redis", ttl, now + ttl, now, _fork.pid())
         return self._replicated(lease)
-
-    def _grant_arg(
-        self,
-        key: str,
-        now: float,
-        ttl: float,
-        token: str,
-        task_id: str | None,
-        task_name: str | None,
-    ) -> str:
-        """The ACQUIRE and CLAIM scripts' first argument: ``"<ttl (ms)> <token> <metadata>"``."""
-        return f"{math.ceil(ttl * 1000)} {token} {self._meta(key, now, ttl, task_id, task_name)}"
 
     def _acquire_again(
         self, key: str, token: str, args: tuple[str, str, str], error: BaseException | None
