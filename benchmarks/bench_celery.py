@@ -8,11 +8,16 @@ task measured in the same run (TESTING.md §7 measured celery-once and celery-si
 plain end to end).
 
     python -m benchmarks.bench_celery [--tasks 2000] [--repeats 3] [--flavours plain,execution]
-                                      [--steady]
+                                      [--steady [--cpu]]
 
 By default the drain time includes the worker's start-up, the same for every flavour, which
 pulls per-task differences toward 1.0; ``--steady`` starts the worker first and publishes while
 it consumes, which is closer to what a busy deployment sees.
+
+``--cpu`` (Linux, with ``--steady``) also prints the CPU time each process spent per task: the
+worker's main process, its pool children, the redis-server (broker and locks) and this publisher.
+Wall-clock rates of 2-core VMs drift by tens of percent between minutes; CPU per task says where
+a lock's cost lands (a round trip in the pool child, script time in the server).
 
 ``BENCH_LOCK_FALLBACK=none`` runs celery_lock on Redis alone (``lock_fallback=None``), without
 the same-host shadow file lock the default hybrid keeps beside every Redis lease.
@@ -106,6 +111,29 @@ def check_ran(app: Celery, flavour: str, n: int) -> None:
         raise RuntimeError(f"{flavour}: the worker ran {done} tasks, expected {n}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def cpu_snapshot(worker: int, server: int) -> tuple[float, float, float, float]:
+    """CPU seconds so far of: the worker's main process, its pool children, the redis-server,
+    and this process (the publisher)."""
+    return (
+        cpu_seconds(worker),
+        sum(cpu_seconds(child) for child in children(worker)),
+        cpu_seconds(server),
+        time.process_time(),
+    )
+
+
 def drain(
     app: Celery, env: dict[str, str], workdir: Path, broker: redis.Redis, flavour: str, n: int
 ) -> float:
@@ -122,21 +150,30 @@ def drain(
 
 
 def steady(
-    app: Celery, env: dict[str, str], workdir: Path, broker: redis.Redis, flavour: str, n: int
-) -> tuple[float, float]:
-    """With a worker already consuming: seconds to publish ``n`` tasks, and from the first
-    publish until all of them ran."""
+    app: Celery,
+    env: dict[str, str],
+    workdir: Path,
+    broker: redis.Redis,
+    flavour: str,
+    n: int,
+    server_pid: int | None = None,
+) -> tuple[float, float, tuple[float, ...]]:
+    """With a worker already consuming: seconds to publish ``n`` tasks, from the first publish
+    until all of them ran, and (with ``server_pid``) each process's CPU seconds meanwhile (see
+    :func:`cpu_snapshot`)."""
     proc = start_worker(env, workdir)
     try:
         wait_ready(app, proc)
+        before = cpu_snapshot(proc.pid, server_pid) if server_pid else ()
         started = time.perf_counter()
         pub = publish(app, flavour, n)
         wait_drained(broker)
         elapsed = time.perf_counter() - started
+        after = cpu_snapshot(proc.pid, server_pid) if server_pid else ()
         check_ran(app, flavour, n)
     finally:
         stop_worker(proc)
-    return pub, elapsed
+    return pub, elapsed, tuple(b - a for a, b in zip(before, after, strict=True))
 
 
 def main() -> None:
@@ -152,7 +189,14 @@ def main() -> None:
         help="publish while a worker (started and answering pings) consumes; e2e is then "
         "from the first publish to the last task, without the worker's start-up",
     )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="with --steady (Linux): also print each process's CPU time per task",
+    )
     args = parser.parse_args()
+    if args.cpu and not (args.steady and sys.platform.startswith("linux")):
+        parser.error("--cpu needs --steady and Linux (/proc)")
 
     with tempfile.TemporaryDirectory(prefix="celery_lock-bench-") as tmp:
         server = RedisServer(Path(tmp, "redis"))
@@ -168,6 +212,8 @@ def main() -> None:
         wanted = {"plain", *args.flavours.split(",")}
         flavours = [f for f in FLAVOURS if f in wanted and f"bench.{f}" in app.tasks]
         results: dict[str, list[tuple[float, float]]] = {f: [] for f in flavours}
+        cpu: dict[str, list[tuple[float, ...]]] = {f: [] for f in flavours}
+        server_pid = server.proc.pid if args.cpu and server.proc is not None else None
         ran_on = versions(PACKAGES, broker)
         try:
             for repeat in range(args.repeats):
@@ -178,8 +224,11 @@ def main() -> None:
                     broker.flushdb()
                     locks.flushdb()
                     if args.steady:
-                        pub, total = steady(app, env, Path(tmp), broker, flavour, args.tasks)
+                        pub, total, used = steady(
+                            app, env, Path(tmp), broker, flavour, args.tasks, server_pid
+                        )
                         results[flavour].append((pub, total - pub))
+                        cpu[flavour].append(used)
                     else:
                         pub = publish(app, flavour, args.tasks)
                         drained = drain(app, env, Path(tmp), broker, flavour, args.tasks)
@@ -208,6 +257,21 @@ def main() -> None:
             f"{flavour:12} {pub:10.0f} {drn:10.0f} {e2e:10.0f}   "
             f"{pub / base_pub:6.2f} {drn / base_drain:6.2f} {e2e / base_e2e:6.2f}"
         )
+    if args.cpu:
+        print_cpu(cpu, n)
+
+
+def print_cpu(cpu: dict[str, list[tuple[float, ...]]], n: int) -> None:
+    """CPU µs per task by process (median over repeats), and the difference to plain."""
+    print("\nCPU per task, µs (median of the repeats); in brackets: minus plain's")
+    parts = ("worker", "pool", "redis", "publisher")
+    print(f"{'flavour':12} " + " ".join(f"{p:>16}" for p in (*parts, "total")))
+    base = [statistics.median(run[i] for run in cpu["plain"]) * 1e6 / n for i in range(4)]
+    for flavour, runs in cpu.items():
+        each = [statistics.median(run[i] for run in runs) * 1e6 / n for i in range(4)]
+        cells = [f"{v:6.0f} [{v - b:+6.0f}]" for v, b in zip(each, base, strict=True)]
+        cells.append(f"{sum(each):6.0f} [{sum(each) - sum(base):+6.0f}]")
+        print(f"{flavour:12} " + " ".join(f"{c:>16}" for c in cells))
 
 
 if __name__ == "__main__":
