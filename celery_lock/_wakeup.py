@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any, Final
 
 from celery import signature
@@ -74,9 +75,20 @@ def decode(app: Celery, payload: bytes) -> Signature[Any]:
 
 
 def publisher(app: Celery) -> Callable[[str, str, bytes], None]:
-    """The hand-off callback of ``app``'s lock manager: publish the waiter's wake-up."""
+    """The hand-off callback of ``app``'s lock manager: publish the waiter's wake-up.
+
+    It holds the app weakly: the manager is cached per app in a weak-keyed table, and a strong
+    reference from the cached value back to its key would keep every app that ever took a lock
+    alive, with its manager, connections and prober thread, after ``app.close()``.
+    """
+    app_ref = weakref.ref(app)
 
     def hand_off(key: str, task_id: str, payload: bytes) -> None:
+        app = app_ref()
+        if app is None:
+            # The manager outlived its app (someone kept it): the waiter's safety-net copy
+            # still runs it; the manager logs this as a failed wake-up.
+            raise RuntimeError(f"the Celery app of lock {key!r} no longer exists")
         message = decode(app, payload)
         task = app.tasks.get(message.task or "")
         # Through the task's own apply_async when this process knows it (a LockedTask must not

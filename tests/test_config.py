@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -9,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import types
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -579,3 +581,31 @@ def test_unreachable_cluster_is_an_outage_not_a_crash(
         closed.acquire("a")
     with pytest.raises(LockBackendUnavailable):  # circuit open: at once
         closed.acquire("b")
+
+
+def test_a_closed_app_and_its_manager_are_garbage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manager is cached per app in a weak-keyed table: nothing in it may hold the app
+    strongly (the QUEUE hand-off callback did), or every app that took a lock lives on after
+    close(), with its manager, its connections and, during an outage, a prober thread that
+    keeps probing Redis."""
+    # pytest's log capture would keep the outage WARNING, whose exception's traceback holds
+    # the manager's frames, until the test ends.
+    monkeypatch.setattr(logging.getLogger("celery_lock"), "propagate", False)
+    app = Celery("gone", set_as_current=False)
+    app.conf.update(
+        lock_directory=str(tmp_path / "locks"),
+        lock_redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens: files
+        lock_retry_interval=60,
+    )
+    manager = get_manager(app)
+    lease = manager.acquire("k")
+    assert lease is not None and lease.backend == "file"  # the circuit is open: a prober runs
+    assert manager.release(lease)
+    app.close()
+    app_ref, manager_ref = weakref.ref(app), weakref.ref(manager)
+    del app, manager, lease
+    gc.collect()
+    assert app_ref() is None
+    assert manager_ref() is None
