@@ -7,13 +7,15 @@ when the log says ``ready.``; ``stop()`` is a warm shutdown bounded in time, the
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,6 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Result backend transport options for test apps: an AsyncResult collected after its Redis
 #: stopped unsubscribes once instead of retrying for ~20 s (Celery's default policy).
 NO_RETRIES = {"retry_policy": {"max_retries": 1}}
+
+
+@contextlib.contextmanager
+def root_log_level_kept() -> Iterator[None]:
+    """Around an embedded worker: celery.contrib.testing's ``start_worker`` runs
+    ``app.log.setup(loglevel="error")``, which leaves the root logger at ERROR for every later
+    test (a test that reads WARNING records from ``caplog`` then finds none)."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def drop_results() -> None:

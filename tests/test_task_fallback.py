@@ -18,7 +18,7 @@ from celery_lock.errors import LockBackendUnavailable
 from celery_lock.signals import lock_fallback, lock_requeued
 from celery_lock.task import LockedTask
 from tests._redis_server import RedisServer
-from tests._workers import NO_RETRIES, drop_results, wait_for
+from tests._workers import NO_RETRIES, drop_results, root_log_level_kept, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery]
 
@@ -67,7 +67,10 @@ def _stack(
         return tag
 
     tasks.update(hold=hold, queued=queued)
-    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
+    with (
+        root_log_level_kept(),
+        start_worker(app, pool="threads", concurrency=2, perform_ping_check=False),
+    ):
         yield stack
     drop_results()
     app.close()

@@ -18,7 +18,7 @@ from celery_lock.errors import LockNotAcquired
 from celery_lock.signals import lock_requeued, lock_skipped
 from celery_lock.task import REQUEUES_HEADER, LockedTask
 from tests._redis_server import RedisServer
-from tests._workers import NO_RETRIES, drop_results, wait_for
+from tests._workers import NO_RETRIES, drop_results, root_log_level_kept, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.celery]
 
@@ -142,13 +142,16 @@ def env(
             probe.block(tag)
         return n
 
-    with start_worker(
-        app,
-        pool="threads",
-        concurrency=2,
-        perform_ping_check=False,
-        queues=["celery", "lockq"],
-        shutdown_timeout=30,
+    with (
+        root_log_level_kept(),
+        start_worker(
+            app,
+            pool="threads",
+            concurrency=2,
+            perform_ping_check=False,
+            queues=["celery", "lockq"],
+            shutdown_timeout=30,
+        ),
     ):
         yield Env(app, probe, tasks)
     drop_results()
