@@ -51,6 +51,9 @@ def make_app(tmp_path: Path) -> Iterator[Any]:
     yield make
     for app in apps:
         app.close()
+    # pytest keeps a test's fixture values after it ends: without this, `make` would keep every
+    # app alive, with its manager and, during an outage, the manager's prober thread.
+    apps.clear()
 
 
 # ---------------------------------------------------------------------------- LockSettings
