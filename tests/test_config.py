@@ -21,6 +21,7 @@ from celery.contrib.testing.app import set_trap
 from redis.connection import SSLConnection
 from redis.sentinel import SentinelConnectionPool
 
+from celery_lock._wakeup import publisher
 from celery_lock.backends.file import FileLockManager
 from celery_lock.backends.hybrid import HybridLockManager
 from celery_lock.beat import CLEANUP_TASK
@@ -612,3 +613,16 @@ def test_a_closed_app_and_its_manager_are_garbage(
     gc.collect()
     assert app_ref() is None
     assert manager_ref() is None
+
+
+def test_a_hand_off_for_an_app_that_is_gone_fails_and_says_why() -> None:
+    """A manager kept alive past its app (someone held it) cannot publish wake-ups: the
+    callback raises, which the manager logs as a failed wake-up (the waiter's safety-net copy
+    still runs it)."""
+    app = Celery("gone-too", set_as_current=False)
+    hand_off = publisher(app)
+    app.close()
+    del app
+    gc.collect()
+    with pytest.raises(RuntimeError, match="the Celery app of lock 'k' no longer exists"):
+        hand_off("k", "task-1", b"payload")
