@@ -7,10 +7,12 @@ Real Sentinel and Cluster servers are in tests/multi/.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -533,6 +535,37 @@ def test_deferred_cluster_client_is_built_on_first_use_and_failures_are_remember
     wait_for(lambda: _built(deferred), timeout=5)
     assert deferred.get() is answer
     assert len(calls) == 2
+
+
+def test_a_remembered_cluster_failure_keeps_no_caller_alive() -> None:
+    """A failed build is remembered for NEGATIVE_TTL without the traceback it was raised with:
+    that traceback held the frames, and so the locals, of the caller (in the test suite, a
+    closed Celery app and its manager, whose prober thread went on probing)."""
+
+    def build() -> Any:
+        raise RedisClusterException("Redis Cluster cannot be connected. Please provide ...")
+
+    deferred = Deferred(build, "redis+cluster://127.0.0.1:1")
+
+    class Caller:
+        pass
+
+    def call() -> weakref.ref[Caller]:
+        local = Caller()
+        with pytest.raises(redis.ConnectionError):
+            deferred.get()
+        return weakref.ref(local)
+
+    first, second = call(), call()  # the second is answered from memory
+    gc.collect()
+    assert first() is None
+    assert second() is None
+    errors = []
+    for _ in range(3):
+        with pytest.raises(redis.ConnectionError, match="cannot be connected") as info:
+            deferred.get()
+        errors.append(info.value)
+    assert len({id(error) for error in errors}) == 3  # a new error each time
 
 
 def _built(deferred: Deferred) -> bool:

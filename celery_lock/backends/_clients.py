@@ -27,6 +27,7 @@ see :func:`redact_url`.
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 import time as _time
@@ -495,7 +496,8 @@ class Deferred:
         self._url = redact_url(url)
         self._mutex = threading.Lock()
         self._client: LockClient | None = None
-        #: (monotonic time, error) of the last failed build.
+        #: (monotonic time, error) of the last failed build: a copy without a traceback, since
+        #: a traceback holds the frames (and locals) of every caller it was raised through.
         self._failed: tuple[float, redis.ConnectionError] | None = None
 
     def get(self) -> LockClient:
@@ -513,11 +515,13 @@ class Deferred:
                 return self._client
             failed = self._failed
             if failed is not None and _time.monotonic() - failed[0] < self.NEGATIVE_TTL:
-                raise failed[1]
+                # A new error each time: raising one instance again would grow its traceback
+                # by every caller's frames, all kept alive while it is remembered.
+                raise copy.copy(failed[1])
             try:
                 self._client = build_or_defer(self._build, self._url)
             except redis.ConnectionError as exc:
-                self._failed = (_time.monotonic(), exc)
+                self._failed = (_time.monotonic(), copy.copy(exc))
                 raise
             return self._client
 
