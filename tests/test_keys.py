@@ -262,11 +262,11 @@ def test_callable_without_signature_keys_raw_arguments():
 
 def test_property_tests_tolerate_other_threads_drawing_from_the_global_random():
     # Hypothesis warns "do not use the random module inside strategies" when the global
-    # random's state changes during a draw, whoever changed it. Background threads of
-    # managers built by earlier tests do that (the hybrid's Redis probe builds redis-py's
-    # cluster client, which shuffles its startup nodes with the global random), and under
-    # filterwarnings=error the warning failed a property test of this module in CI. Our
-    # strategies draw nothing from it; pyproject.toml ignores that one warning.
+    # random's state changes during a draw, whoever changed it. Background threads do that
+    # (redis-py shuffles a cluster's startup nodes with it: a hybrid's prober left by an
+    # earlier test did so during a draw), and under filterwarnings=error the warning failed a
+    # property test of this module in CI. Our strategies draw nothing from the global random;
+    # pyproject.toml ignores that one warning.
     stop = threading.Event()
 
     def churn() -> None:
