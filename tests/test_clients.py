@@ -509,6 +509,50 @@ def test_watcher_backs_off_from_an_unreachable_sentinel_and_logs_once(
         server.close()
 
 
+def test_a_stopped_watcher_does_not_report_its_sentinel_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """close() stops the watcher, whose thread still waits up to POLL for an announcement:
+    a sentinel going down in that second is no outage of the closed client, so no WARNING
+    (one from a closed client turned up in a later test that killed that sentinel)."""
+    waiting, dropped = threading.Event(), threading.Event()
+
+    class PubSub:
+        def __init__(self, **kwargs: Any) -> None:
+            pass
+
+        def subscribe(self, *channels: str) -> None:
+            pass
+
+        def get_message(self, timeout: float) -> None:
+            waiting.set()
+            dropped.wait(timeout)
+            if dropped.is_set():
+                raise redis.ConnectionError("Connection reset by peer")
+
+        def close(self) -> None:
+            pass
+
+    client = redis.Redis(host="127.0.0.1", port=1)  # never connects: only its address is read
+    client.pubsub = PubSub  # type: ignore[method-assign,assignment]
+    watcher = SwitchWatcher(FollowingSentinel([("127.0.0.1", 1)]), "m")
+    watcher._consider = lambda client, name: None  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="celery_lock.redis")
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher._run, args=(client, stop))
+    thread.start()
+    try:
+        assert waiting.wait(5)  # subscribed, waiting for an announcement
+        stop.set()  # close(): the thread is still inside get_message
+        dropped.set()  # ... when the sentinel goes away
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    finally:
+        stop.set()
+        dropped.set()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 # ------------------------------------------------------------------------------ deferred
 
 

@@ -199,6 +199,10 @@ class SwitchWatcher:
                     ):
                         self._consider(client, name)
             except Exception as exc:  # noqa: BLE001 - a watcher thread must outlive any reply
+                if stop.is_set():
+                    # Asked to stop (close(), a collected pool) while it waited up to POLL:
+                    # the client is done with this sentinel, so its loss is no news.
+                    return
                 self._unreachable(name, exc)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
