@@ -1,14 +1,18 @@
 """Fixtures with several real Redis servers: a 3-master Cluster with replicas, a Sentinel group.
 
 Module-scoped: starting one costs about 2 s (the cluster forms and syncs, the sentinels find
-each other), so a test module shares one and its tests leave it usable: a test that fails the
-master over reads the current topology instead of assuming the first one. Every process is
-killed at teardown, also after a failed test or a failed start.
+each other), so a test module shares one and its tests leave it usable, in whatever order they
+run: a test that fails the master over reads the current topology instead of assuming the
+first one, and leaves the group settled. A test that changes it for good (a SIGKILLed master
+that does not come back) takes one of its own instead (``own_redis_cluster``,
+``own_sentinel_group``). Every process is killed at teardown, also after a failed test or a
+failed start.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -21,10 +25,8 @@ MASTER_PASSWORD = "master-secret"
 SENTINEL_PASSWORD = "sentinel-secret"
 
 
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """A Redis Cluster of 3 masters with 1 replica each, ``cluster_state:ok`` and in sync."""
-    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+def _cluster(path: Path) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(path)
     cluster.start()
     try:
         yield cluster
@@ -32,16 +34,34 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
-    """A master, its replica and 3 sentinels, all password-protected, settled."""
-    group = SentinelGroup(
-        tmp_path_factory.mktemp("sentinel"),
-        password=MASTER_PASSWORD,
-        sentinel_password=SENTINEL_PASSWORD,
-    )
+def _sentinel_group(path: Path) -> Iterator[SentinelGroup]:
+    group = SentinelGroup(path, password=MASTER_PASSWORD, sentinel_password=SENTINEL_PASSWORD)
     group.start()
     try:
         yield group
     finally:
         group.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster of 3 masters with 1 replica each, ``cluster_state:ok`` and in sync."""
+    yield from _cluster(tmp_path_factory.mktemp("cluster"))
+
+
+@pytest.fixture
+def own_redis_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """Like ``redis_cluster``, for one test only (one that kills a master for good)."""
+    yield from _cluster(tmp_path / "cluster")
+
+
+@pytest.fixture(scope="module")
+def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    """A master, its replica and 3 sentinels, all password-protected, settled."""
+    yield from _sentinel_group(tmp_path_factory.mktemp("sentinel"))
+
+
+@pytest.fixture
+def own_sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    """Like ``sentinel_group``, for one test only (one that kills the master for good)."""
+    yield from _sentinel_group(tmp_path / "sentinel")

@@ -111,12 +111,14 @@ def test_locks_on_every_master_exclude_and_hand_off(
     assert max(handoffs) < 2.0
 
 
-def test_failover_helpers_and_locks_after_failover(
-    redis_cluster: LocalCluster, cluster_client: RedisCluster
-) -> None:
+def test_failover_helpers_and_locks_after_failover(own_redis_cluster: LocalCluster) -> None:
     """Graceful CLUSTER FAILOVER, then a SIGKILLed master: the helpers leave a cluster that
-    is ok, and a client from the URL locks on the new master afterwards."""
-    manager = RedisLockManager(cluster_client, prefix=PREFIX)
+    is ok, and a client from the URL locks on the new master afterwards. The killed master
+    stays dead, so the test has a cluster of its own."""
+    redis_cluster = own_redis_cluster
+    client = client_from_url(redis_cluster.url(all_nodes=False))
+    assert isinstance(client, RedisCluster)
+    manager = RedisLockManager(client, prefix=PREFIX)
     master = redis_cluster.masters()[0]
     key = key_on(redis_cluster, master)
     replica = redis_cluster.replicas_of(master)[0]
@@ -143,3 +145,4 @@ def test_failover_helpers_and_locks_after_failover(
     lease = wait_for(grant, timeout=15, what="a grant after the master was killed")
     assert manager.release(lease) is True  # type: ignore[arg-type]
     print(f"cluster failover: graceful {graceful:.2f} s, after SIGKILL {killed:.2f} s")
+    client.close()

@@ -1,7 +1,7 @@
 """Cluster: a plain URL of one node is a configuration error, the documented ACL works on
 every node, and fences stay above everything granted before a lossy failover (issue 14).
 
-The lossy failover kills a master, so it runs last in this module.
+The lossy failover kills a master for good, so it runs on a cluster of its own.
 """
 
 from __future__ import annotations
@@ -130,17 +130,19 @@ def test_the_documented_acl_with_the_cluster_rights(redis_cluster: LocalCluster)
 
 
 def test_fences_after_a_lossy_failover_are_above_every_fence_before(
-    redis_cluster: LocalCluster, record_property: Any
+    own_redis_cluster: LocalCluster, record_property: Any
 ) -> None:
     """A master grants while its replica receives nothing (SIGSTOP, link killed), then is
     SIGKILLed; the replica takes over without those grants. Every fence granted after the
-    failover is above every fence granted before it, also the lost ones."""
-    client = redis_cluster.client()
+    failover is above every fence granted before it, also the lost ones. The killed master
+    stays dead, so the test has a cluster of its own."""
+    cluster = own_redis_cluster
+    client = cluster.client()
     assert isinstance(client, RedisCluster)
     manager = RedisLockManager(client, prefix=PREFIX)
-    master = redis_cluster.masters()[0]
-    (replica,) = redis_cluster.replicas_of(master)
-    key = key_on(redis_cluster, master)
+    master = cluster.masters()[0]
+    (replica,) = cluster.replicas_of(master)
+    key = key_on(cluster, master)
     fence_key = f"{PREFIX}:{{{key}}}:fence"
     master_admin = master.client()
     # One connection, in READONLY mode: a cluster replica answers reads of its slots then.
@@ -159,16 +161,16 @@ def test_fences_after_a_lossy_failover_are_above_every_fence_before(
             cycle()
         assert master_admin.execute_command("WAIT", 1, 2000) == 1
         replicated = int(replica_admin.get(fence_key))
-        redis_cluster.pause(replica)
+        cluster.pause(replica)
         assert master_admin.execute_command("CLIENT", "KILL", "TYPE", "replica") >= 1
         for _ in range(5):
             cycle()
         lost = before[-5:]
         began = time.monotonic()
-        redis_cluster.kill(master)
-        redis_cluster.resume(replica)
+        cluster.kill(master)
+        cluster.resume(replica)
         wait_for(lambda: replica.role() == "master", timeout=30, what="the replica to take over")
-        redis_cluster.wait_ok(30)
+        cluster.wait_ok(30)
         took_over = time.monotonic() - began
         assert int(replica_admin.get(fence_key)) == replicated < min(lost)  # really lost
 
@@ -183,7 +185,7 @@ def test_fences_after_a_lossy_failover_are_above_every_fence_before(
             lease = wait_for(grant, timeout=20, what="a grant on the new master")
             after.append(lease.fence)
             assert manager.release(lease)
-        assert redis_cluster.master_of_slot(key_slot(f"{PREFIX}:{{{key}}}".encode())) is replica
+        assert cluster.master_of_slot(key_slot(f"{PREFIX}:{{{key}}}".encode())) is replica
     finally:
         master_admin.close()
         replica_admin.close()

@@ -1,7 +1,7 @@
 """Sentinel: grants that wait for a replica (WAIT), fences across a lossy failover, and a
 Celery app whose locks follow a ``sentinel://`` broker (issue 14).
 
-The lossy failover kills the master, so it runs last in this module.
+The lossy failover kills the master for good, so it runs on a group of its own.
 """
 
 from __future__ import annotations
@@ -28,16 +28,23 @@ def lock_key(key: str) -> str:
     return f"{PREFIX}:{{{key}}}"
 
 
-@pytest.fixture
-def sentinel_manager(sentinel_group: SentinelGroup) -> Iterator[RedisLockManager]:
-    sentinel_group.wait_settled(30)
+def manager_on(group: SentinelGroup) -> Iterator[RedisLockManager]:
+    group.wait_settled(30)
     manager = RedisLockManager.from_url(
-        sentinel_group.url(),
-        transport_options=sentinel_group.transport_options(),
-        prefix=PREFIX,
+        group.url(), transport_options=group.transport_options(), prefix=PREFIX
     )
     yield manager
     manager.client.close()
+
+
+@pytest.fixture
+def sentinel_manager(sentinel_group: SentinelGroup) -> Iterator[RedisLockManager]:
+    yield from manager_on(sentinel_group)
+
+
+@pytest.fixture
+def own_sentinel_manager(own_sentinel_group: SentinelGroup) -> Iterator[RedisLockManager]:
+    yield from manager_on(own_sentinel_group)
 
 
 def test_grants_wait_for_a_replica_and_are_given_back_without_one(
@@ -162,13 +169,14 @@ def test_queue_waiters_on_sentinel_are_woken_through_one_connection(
 
 
 def test_fences_after_a_lossy_failover_are_above_every_fence_before(
-    sentinel_group: SentinelGroup, sentinel_manager: RedisLockManager, record_property: Any
+    own_sentinel_group: SentinelGroup, own_sentinel_manager: RedisLockManager, record_property: Any
 ) -> None:
     """The replica stops receiving while the master grants (SIGSTOP, its link killed); the
     master is then SIGKILLed and the replica promoted without those grants. Every fence
     granted after the failover is above every fence granted before it, also the lost ones
-    (issue 14, item 2: after such a failover a fence was handed out twice)."""
-    manager = sentinel_manager
+    (issue 14, item 2: after such a failover a fence was handed out twice). The killed master
+    stays dead, so the test has a group of its own."""
+    sentinel_group, manager = own_sentinel_group, own_sentinel_manager
     old, new = sentinel_group.master(), sentinel_group.replica()
     old_admin, new_admin = old.client(), new.client()
     before: list[int] = []
