@@ -45,6 +45,8 @@ PACKAGES = ("celery", "kombu", "redis", "hiredis", "celery-once", "celery-single
 #: ``*_co``: the same task with ``lock_coalesce=True`` (unique arguments: nothing to share, so
 #: this is the cost of looking, paid at publish time).
 FLAVOURS = ["plain", "execution", "queue", "execution_co", "queue_co", "once", "singleton"]
+#: docs/performance.md's task goal: EXECUTION end to end at this fraction of plain, or more.
+TASK_GOAL = 0.85
 
 
 def publish(app: Celery, name: str, n: int) -> float:
@@ -257,8 +259,44 @@ def main() -> None:
             f"{flavour:12} {pub:10.0f} {drn:10.0f} {e2e:10.0f}   "
             f"{pub / base_pub:6.2f} {drn / base_drain:6.2f} {e2e / base_e2e:6.2f}"
         )
+    print_targets(results, n)
     if args.cpu:
         print_cpu(cpu, n)
+
+
+def print_targets(results: dict[str, list[tuple[float, float]]], n: int) -> None:
+    """The task goal of docs/performance.md, judged repeat by repeat: EXECUTION end to end at
+    >= 0.85x plain, and ahead of celery-once and celery-singleton. Each flavour is compared with
+    plain of the same repeat (measured minutes apart, not a whole run apart), so the drift of a
+    noisy machine cancels in part, as in bench_locks' per-round ratios."""
+    if "execution" not in results:
+        return
+
+    def ratios(flavour: str) -> list[float]:
+        return [
+            (p0 + d0) / (p + d)  # rates are n / time, so a rate ratio is a time ratio inverted
+            for (p, d), (p0, d0) in zip(results[flavour], results["plain"], strict=True)
+        ]
+
+    ours = ratios("execution")
+    repeats = len(ours)
+    shown = " ".join(f"{r:.2f}" for r in ours)
+    met = [r >= TASK_GOAL for r in ours]
+    print("\ntargets: end to end against plain of the same repeat; median [each repeat]")
+    print(
+        f"execution vs plain >= {TASK_GOAL:g}: {statistics.median(ours):.2f} [{shown}], "
+        f"{sum(met)} of {repeats} repeats"
+    )
+    for rival in ("once", "singleton"):
+        if rival not in results:
+            print(f"execution ahead of {rival}: not installed")
+            continue
+        theirs = ratios(rival)
+        ahead = [a > b for a, b in zip(ours, theirs, strict=True)]
+        met = [m and a for m, a in zip(met, ahead, strict=True)]
+        shown = " ".join(f"{r:.2f}" for r in theirs)
+        print(f"execution ahead of {rival} ({shown}): {sum(ahead)} of {repeats} repeats")
+    print(f"the whole goal: {sum(met)} of {repeats} repeats")
 
 
 def print_cpu(cpu: dict[str, list[tuple[float, ...]]], n: int) -> None:
