@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -24,18 +25,16 @@ from tests._sentinel import SentinelGroup
 MASTER_PASSWORD = "master-secret"
 SENTINEL_PASSWORD = "sentinel-secret"
 
-
-def _cluster(path: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(path)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+Group = TypeVar("Group", LocalCluster, SentinelGroup)
 
 
-def _sentinel_group(path: Path) -> Iterator[SentinelGroup]:
-    group = SentinelGroup(path, password=MASTER_PASSWORD, sentinel_password=SENTINEL_PASSWORD)
+def _sentinel_group(path: Path) -> SentinelGroup:
+    """The password-protected Sentinel group of these tests (not started)."""
+    return SentinelGroup(path, password=MASTER_PASSWORD, sentinel_password=SENTINEL_PASSWORD)
+
+
+def _running(group: Group) -> Iterator[Group]:
+    """Start ``group`` (a cluster or a sentinel group), yield it, stop it however the test ends."""
     group.start()
     try:
         yield group
@@ -46,22 +45,22 @@ def _sentinel_group(path: Path) -> Iterator[SentinelGroup]:
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A Redis Cluster of 3 masters with 1 replica each, ``cluster_state:ok`` and in sync."""
-    yield from _cluster(tmp_path_factory.mktemp("cluster"))
+    yield from _running(LocalCluster(tmp_path_factory.mktemp("cluster")))
 
 
 @pytest.fixture
 def own_redis_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """Like ``redis_cluster``, for one test only (one that kills a master for good)."""
-    yield from _cluster(tmp_path / "cluster")
+    yield from _running(LocalCluster(tmp_path / "cluster"))
 
 
 @pytest.fixture(scope="module")
 def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
     """A master, its replica and 3 sentinels, all password-protected, settled."""
-    yield from _sentinel_group(tmp_path_factory.mktemp("sentinel"))
+    yield from _running(_sentinel_group(tmp_path_factory.mktemp("sentinel")))
 
 
 @pytest.fixture
 def own_sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
     """Like ``sentinel_group``, for one test only (one that kills the master for good)."""
-    yield from _sentinel_group(tmp_path / "sentinel")
+    yield from _running(_sentinel_group(tmp_path / "sentinel"))
