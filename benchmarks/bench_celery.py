@@ -1,23 +1,28 @@
 """End-to-end throughput of no-op Celery tasks with unique arguments, per lock flavour.
 
-One run, one redis-server started here on a free loopback port (broker DB 0, locks DB 2), a real
-``celery worker`` (prefork, concurrency 2). For each flavour: publish N tasks with unique
-arguments, then start the worker and time until the queue and kombu's unacked hash are empty;
-the worker's own count must equal N. Printed as tasks/s and as ratios to the plain
-task measured in the same run (TESTING.md §7 measured celery-once and celery-singleton at 0.86x
-plain end to end).
+One run, one redis-server started here on a free loopback port (broker DB 0, locks DB 2), one
+real ``celery worker`` (prefork, concurrency 2), started and answering a ping before anything is
+timed. In each of ten repeats, every flavour in turn: pause the worker (``SIGSTOP``), publish
+1,000 tasks with unique arguments, let it go (``SIGCONT``) and time until the queue and kombu's
+unacked hash are empty. End to end is the publish time plus that drain time. The worker's own
+counts must equal what was published. Printed as tasks/s and as ratios to the plain task of the
+same repeat (TESTING.md §7 measured celery-once and celery-singleton at 0.86x plain end to end).
 
-    python -m benchmarks.bench_celery [--tasks 2000] [--repeats 3] [--flavours plain,execution]
-                                      [--steady [--cpu]]
+    python -m benchmarks.bench_celery [--tasks 1000] [--repeats 10] [--flavours plain,execution]
+                                      [--steady | --cold] [--cpu]
 
-By default the drain time includes the worker's start-up, the same for every flavour, which
-pulls per-task differences toward 1.0; ``--steady`` starts the worker first and publishes while
-it consumes, which is closer to what a busy deployment sees.
+Wall-clock rates of 2-core VMs drift by tens of percent from one minute to the next. So the
+flavours of a repeat run within seconds of each other, and the goal is judged on the median of
+per-repeat ratios. Two other layouts start a worker for every flavour and repeat (defaults: 3
+repeats of 2,000 tasks): ``--steady`` publishes while it consumes, which is closer to what a
+busy deployment sees; ``--cold`` publishes, then starts it, timing its start-up with the drain
+(the first version of this benchmark; the start-up, about a second, pulls every ratio toward
+1.0).
 
-``--cpu`` (Linux, with ``--steady``) also prints the CPU time each process spent per task: the
+``--cpu`` (Linux; not with ``--cold``) also prints the CPU time each process spent per task: the
 worker's main process, its pool children, the redis-server (broker and locks) and this publisher.
-Wall-clock rates of 2-core VMs drift by tens of percent between minutes; CPU per task says where
-a lock's cost lands (a round trip in the pool child, script time in the server).
+CPU per task says where a lock's cost lands (a round trip in the pool child, script time in the
+server).
 
 ``BENCH_LOCK_FALLBACK=none`` runs celery_lock on Redis alone (``lock_fallback=None``), without
 the same-host shadow file lock the default hybrid keeps beside every Redis lease.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,6 +51,8 @@ PACKAGES = ("celery", "kombu", "redis", "hiredis", "celery-once", "celery-single
 #: ``*_co``: the same task with ``lock_coalesce=True`` (unique arguments: nothing to share, so
 #: this is the cost of looking, paid at publish time).
 FLAVOURS = ["plain", "execution", "queue", "execution_co", "queue_co", "once", "singleton"]
+#: Tasks of each flavour run before the default layout's clock starts.
+WARM_UP = 20
 #: docs/performance.md's task goal: EXECUTION end to end at this fraction of plain, or more.
 TASK_GOAL = 0.85
 
@@ -160,6 +168,61 @@ def drain(
     return elapsed
 
 
+def order(flavours: list[str], repeat: int) -> list[str]:
+    """The flavours of one repeat: each repeat runs every flavour, rotated so that none is
+    always measured first (right after a worker started, or after a given other one)."""
+    shift = repeat % len(flavours)
+    return flavours[shift:] + flavours[:shift]
+
+
+def paused(
+    app: Celery,
+    env: dict[str, str],
+    workdir: Path,
+    broker: redis.Redis,
+    locks: redis.Redis,
+    flavours: list[str],
+    n: int,
+    repeats: int,
+    server_pid: int | None = None,
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[tuple[float, ...]]]]:
+    """The default layout, with one worker for the whole run: per repeat and flavour, pause it,
+    publish ``n`` tasks, let it go and time until all of them ran. Returns, per flavour and
+    repeat, the seconds to publish and to drain, and (with ``server_pid``) each process's CPU
+    seconds over both (see :func:`cpu_snapshot`)."""
+    results: dict[str, list[tuple[float, float]]] = {f: [] for f in flavours}
+    cpu: dict[str, list[tuple[float, ...]]] = {f: [] for f in flavours}
+    proc = start_worker(env, workdir)
+    try:
+        wait_ready(app, proc)
+        # Untimed: each pool child's first locked task makes its manager and connections.
+        for flavour in flavours:
+            publish(app, flavour, WARM_UP)
+        wait_drained(broker)
+        for repeat in range(repeats):
+            for flavour in order(flavours, repeat):
+                locks.flushdb()  # nothing runs now (the broker's DB keeps kombu's bindings)
+                before = cpu_snapshot(proc.pid, server_pid) if server_pid else ()
+                # Only the main process stops: it holds the broker connection and feeds the
+                # pool, whose idle children wait for it. Its sockets stay open: nothing is lost.
+                os.kill(proc.pid, signal.SIGSTOP)
+                try:
+                    pub = publish(app, flavour, n)
+                    started = time.perf_counter()
+                finally:
+                    os.kill(proc.pid, signal.SIGCONT)
+                wait_drained(broker)
+                drained = time.perf_counter() - started
+                after = cpu_snapshot(proc.pid, server_pid) if server_pid else ()
+                results[flavour].append((pub, drained))
+                cpu[flavour].append(tuple(b - a for a, b in zip(before, after, strict=True)))
+        for flavour in flavours:
+            check_ran(app, flavour, WARM_UP + n * repeats)
+    finally:
+        stop_worker(proc)
+    return results, cpu
+
+
 def steady(
     app: Celery,
     env: dict[str, str],
@@ -189,25 +252,39 @@ def steady(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--tasks", type=int, help="per flavour and repeat (default 1000; 2000 with a layout option)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="of every flavour (default 10; 3 with a layout option)"
+    )
     parser.add_argument(
         "--flavours", default=",".join(FLAVOURS), help="comma-separated; plain is always run"
     )
-    parser.add_argument(
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument(
         "--steady",
         action="store_true",
         help="publish while a worker (started and answering pings) consumes; e2e is then "
         "from the first publish to the last task, without the worker's start-up",
     )
+    layout.add_argument(
+        "--cold",
+        action="store_true",
+        help="publish, then start the worker: the drain time includes its start-up",
+    )
     parser.add_argument(
         "--cpu",
         action="store_true",
-        help="with --steady (Linux): also print each process's CPU time per task",
+        help="(Linux, not with --cold) also print each process's CPU time per task",
     )
     args = parser.parse_args()
-    if args.cpu and not (args.steady and sys.platform.startswith("linux")):
-        parser.error("--cpu needs --steady and Linux (/proc)")
+    if args.cpu and (args.cold or not sys.platform.startswith("linux")):
+        parser.error("--cpu needs Linux (/proc) and a worker started before the clock (not --cold)")
+    # A worker per flavour and repeat costs seconds: those layouts take fewer, longer repeats.
+    restarts = args.steady or args.cold
+    args.tasks = args.tasks or (2000 if restarts else 1000)
+    args.repeats = args.repeats or (3 if restarts else 10)
 
     with tempfile.TemporaryDirectory(prefix="celery_lock-bench-") as tmp:
         server = RedisServer(Path(tmp, "redis"))
@@ -227,23 +304,25 @@ def main() -> None:
         server_pid = server.proc.pid if args.cpu and server.proc is not None else None
         ran_on = versions(PACKAGES, broker)
         try:
-            for repeat in range(args.repeats):
-                # Interleaved so drift hits every flavour, and rotated so that no flavour is
-                # always the one measured right after the previous repeat's worker stopped.
-                shift = repeat % len(flavours)
-                for flavour in flavours[shift:] + flavours[:shift]:
+            if not restarts:
+                results, cpu = paused(
+                    app, env, Path(tmp), broker, locks, flavours, args.tasks, args.repeats,
+                    server_pid,
+                )  # fmt: skip
+            for repeat in range(args.repeats if restarts else 0):
+                for flavour in order(flavours, repeat):
                     broker.flushdb()
                     locks.flushdb()
-                    if args.steady:
+                    if args.cold:
+                        pub = publish(app, flavour, args.tasks)
+                        drained = drain(app, env, Path(tmp), broker, flavour, args.tasks)
+                    else:
                         pub, total, used = steady(
                             app, env, Path(tmp), broker, flavour, args.tasks, server_pid
                         )
-                        results[flavour].append((pub, total - pub))
+                        drained = total - pub
                         cpu[flavour].append(used)
-                    else:
-                        pub = publish(app, flavour, args.tasks)
-                        drained = drain(app, env, Path(tmp), broker, flavour, args.tasks)
-                        results[flavour].append((pub, drained))
+                    results[flavour].append((pub, drained))
         finally:
             server.stop()
 
@@ -252,7 +331,13 @@ def main() -> None:
     base_pub = statistics.median(n / p for p, _ in base)
     base_drain = statistics.median(n / d for _, d in base)
     base_e2e = statistics.median(n / (p + d) for p, d in base)
-    how = "published to a running worker" if args.steady else "published, then a worker started"
+    how = (
+        "published to a running worker"
+        if args.steady
+        else "published, then a worker started"
+        if args.cold
+        else "published to a paused worker, then drained; one worker for the run"
+    )
     print(
         f"\n{ran_on}\n{n} no-op tasks, {how}; prefork -c 2, Redis broker; median of {args.repeats}"
     )
@@ -268,12 +353,12 @@ def main() -> None:
             f"{flavour:12} {pub:10.0f} {drn:10.0f} {e2e:10.0f}   "
             f"{pub / base_pub:6.2f} {drn / base_drain:6.2f} {e2e / base_e2e:6.2f}"
         )
-    print_targets(results, steady=args.steady)
+    print_targets(results, layout="--steady" if args.steady else "--cold" if args.cold else "")
     if args.cpu:
         print_cpu(cpu, n)
 
 
-def print_targets(results: dict[str, list[tuple[float, float]]], *, steady: bool) -> None:
+def print_targets(results: dict[str, list[tuple[float, float]]], *, layout: str) -> None:
     """The task goal of docs/performance.md, judged repeat by repeat: EXECUTION end to end at
     >= 0.85x plain, and ahead of celery-once and celery-singleton. Each flavour is compared with
     plain of the same repeat (measured minutes apart, not a whole run apart), so the drift of a
@@ -290,10 +375,8 @@ def print_targets(results: dict[str, list[tuple[float, float]]], *, steady: bool
     ours = ratios("execution")
     repeats = len(ours)
     met = [r >= TASK_GOAL for r in ours]
-    layout = "--steady; the goal is set for the default layout" if steady else "default layout"
-    print(
-        f"\ntargets ({layout}): end to end against plain of the same repeat; median [each repeat]"
-    )
+    which = f"{layout}; the goal is set for the default layout" if layout else "default layout"
+    print(f"\ntargets ({which}): end to end against plain of the same repeat; median [each repeat]")
     print(
         f"execution vs plain >= {TASK_GOAL:g}: {statistics.median(ours):.2f} "
         f"[{' '.join(f'{r:.2f}' for r in ours)}], {sum(met)} of {repeats} repeats"

@@ -65,11 +65,23 @@ def test_bench_locks_reports_every_readout() -> None:
 @pytest.mark.celery
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="--cpu reads Linux's /proc")
-def test_bench_celery_judges_the_goal_and_finds_the_pool_children() -> None:
+@pytest.mark.parametrize(
+    ("layout", "how"),
+    [
+        ((), "published to a paused worker, then drained"),
+        (("--steady",), "published to a running worker"),
+        (("--cold",), "published, then a worker started"),
+    ],
+    ids=["default", "steady", "cold"],
+)
+def test_bench_celery_judges_the_goal_and_finds_the_pool_children(
+    layout: tuple[str, ...], how: str
+) -> None:
+    cpu = () if "--cold" in layout else ("--cpu",)
     out = run_benchmark(
         "bench_celery",
-        "--steady",
-        "--cpu",
+        *layout,
+        *cpu,
         "--tasks",  # enough for the pool's CPU to show in /proc's 10 ms ticks (~60 ms here)
         "80",
         "--repeats",
@@ -77,6 +89,9 @@ def test_bench_celery_judges_the_goal_and_finds_the_pool_children() -> None:
         "--flavours",
         "plain,execution",
     )
+    assert f"80 no-op tasks, {how};" in out, out
+    which = f"{layout[0]}; the goal is set for the default layout" if layout else "default layout"
+    assert f"targets ({which}):" in out, out
     assert re.search(
         r"^execution vs plain >= 0\.85: \d+\.\d\d \[\d+\.\d\d\], [01] of 1 repeats$",
         out,
@@ -85,8 +100,11 @@ def test_bench_celery_judges_the_goal_and_finds_the_pool_children() -> None:
     # Only plain and execution ran: the goal's comparison with the rivals is not made up.
     assert "the whole goal: not judged" in out
     assert "ahead of" not in out
-    cpu = out.split("CPU per task", 1)[1]
-    row = re.search(r"^execution +(\d+) \[ *[-+]\d+\] +(\d+) \[", cpu, re.MULTILINE)
+    if not cpu:
+        assert "CPU per task" not in out
+        return
+    table = out.split("CPU per task", 1)[1]
+    row = re.search(r"^execution +(\d+) \[ *[-+]\d+\] +(\d+) \[", table, re.MULTILINE)
     assert row is not None, out
     # The pool children ran the tasks: their CPU is found, whichever thread forked them.
     assert int(row.group(2)) > 0, out
