@@ -283,8 +283,12 @@ def main() -> None:
         parser.error("--cpu needs Linux (/proc) and a worker started before the clock (not --cold)")
     # A worker per flavour and repeat costs seconds: those layouts take fewer, longer repeats.
     restarts = args.steady or args.cold
-    args.tasks = args.tasks or (2000 if restarts else 1000)
-    args.repeats = args.repeats or (3 if restarts else 10)
+    if args.tasks is None:
+        args.tasks = 2000 if restarts else 1000
+    if args.repeats is None:
+        args.repeats = 3 if restarts else 10
+    if args.tasks < 1 or args.repeats < 1:
+        parser.error("--tasks and --repeats must be at least 1")
 
     with tempfile.TemporaryDirectory(prefix="celery_lock-bench-") as tmp:
         server = RedisServer(Path(tmp, "redis"))
