@@ -38,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import redis
@@ -51,6 +53,10 @@ PACKAGES = ("celery", "kombu", "redis", "hiredis", "celery-once", "celery-single
 #: ``*_co``: the same task with ``lock_coalesce=True`` (unique arguments: nothing to share, so
 #: this is the cost of looking, paid at publish time).
 FLAVOURS = ["plain", "execution", "queue", "execution_co", "queue_co", "once", "singleton"]
+#: Per flavour, one entry per repeat: seconds to publish and to drain.
+Results = dict[str, list[tuple[float, float]]]
+#: Per flavour, one entry per repeat: CPU seconds per process (see ``cpu_snapshot``), or ().
+Usage = dict[str, list[tuple[float, ...]]]
 #: Tasks of each flavour run before the default layout's clock starts.
 WARM_UP = 20
 #: docs/performance.md's task goal: EXECUTION end to end at this fraction of plain, or more.
@@ -153,6 +159,11 @@ def cpu_snapshot(worker: int, server: int) -> tuple[float, float, float, float]:
     )
 
 
+def cpu_used(before: tuple[float, ...], after: tuple[float, ...]) -> tuple[float, ...]:
+    """CPU seconds per process between two :func:`cpu_snapshot` calls (() without them)."""
+    return tuple(b - a for a, b in zip(before, after, strict=True))
+
+
 def drain(
     app: Celery, env: dict[str, str], workdir: Path, broker: redis.Redis, flavour: str, n: int
 ) -> float:
@@ -168,6 +179,19 @@ def drain(
     return elapsed
 
 
+@dataclass(frozen=True)
+class Rig:
+    """What every layout runs on: the app, the worker's environment and folder, clients of the
+    broker's and the locks' databases, and the redis-server's pid (None: no CPU readout)."""
+
+    app: Celery
+    env: dict[str, str]
+    workdir: Path
+    broker: redis.Redis
+    locks: redis.Redis
+    server_pid: int | None
+
+
 def order(flavours: list[str], repeat: int) -> list[str]:
     """The flavours of one repeat: each repeat runs every flavour, rotated so that none is
     always measured first (right after a worker started, or after a given other one)."""
@@ -175,24 +199,15 @@ def order(flavours: list[str], repeat: int) -> list[str]:
     return flavours[shift:] + flavours[:shift]
 
 
-def paused(
-    app: Celery,
-    env: dict[str, str],
-    workdir: Path,
-    broker: redis.Redis,
-    locks: redis.Redis,
-    flavours: list[str],
-    n: int,
-    repeats: int,
-    server_pid: int | None = None,
-) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[tuple[float, ...]]]]:
+def paused(rig: Rig, flavours: list[str], n: int, repeats: int) -> tuple[Results, Usage]:
     """The default layout, with one worker for the whole run: per repeat and flavour, pause it,
     publish ``n`` tasks, let it go and time until all of them ran. Returns, per flavour and
-    repeat, the seconds to publish and to drain, and (with ``server_pid``) each process's CPU
+    repeat, the seconds to publish and to drain, and (with ``rig.server_pid``) each process's CPU
     seconds over both (see :func:`cpu_snapshot`)."""
-    results: dict[str, list[tuple[float, float]]] = {f: [] for f in flavours}
-    cpu: dict[str, list[tuple[float, ...]]] = {f: [] for f in flavours}
-    proc = start_worker(env, workdir)
+    app, broker, server_pid = rig.app, rig.broker, rig.server_pid
+    results: Results = {f: [] for f in flavours}
+    cpu: Usage = {f: [] for f in flavours}
+    proc = start_worker(rig.env, rig.workdir)
     try:
         wait_ready(app, proc)
         # Untimed: each pool child's first locked task makes its manager and connections.
@@ -201,7 +216,7 @@ def paused(
         wait_drained(broker)
         for repeat in range(repeats):
             for flavour in order(flavours, repeat):
-                locks.flushdb()  # nothing runs now (the broker's DB keeps kombu's bindings)
+                rig.locks.flushdb()  # nothing runs now (the broker's DB keeps kombu's bindings)
                 before = cpu_snapshot(proc.pid, server_pid) if server_pid else ()
                 # Only the main process stops: it holds the broker connection and feeds the
                 # pool, whose idle children wait for it. Its sockets stay open: nothing is lost.
@@ -215,11 +230,34 @@ def paused(
                 drained = time.perf_counter() - started
                 after = cpu_snapshot(proc.pid, server_pid) if server_pid else ()
                 results[flavour].append((pub, drained))
-                cpu[flavour].append(tuple(b - a for a, b in zip(before, after, strict=True)))
+                cpu[flavour].append(cpu_used(before, after))
         for flavour in flavours:
             check_ran(app, flavour, WARM_UP + n * repeats)
     finally:
         stop_worker(proc)
+    return results, cpu
+
+
+def restarting(
+    rig: Rig, flavours: list[str], n: int, repeats: int, *, cold: bool
+) -> tuple[Results, Usage]:
+    """``--steady`` and ``--cold``: a new worker for every flavour and repeat (see
+    :func:`steady` and :func:`drain`); returns what :func:`paused` does."""
+    results: Results = {f: [] for f in flavours}
+    cpu: Usage = {f: [] for f in flavours}
+    app, env, workdir, broker = rig.app, rig.env, rig.workdir, rig.broker
+    for repeat in range(repeats):
+        for flavour in order(flavours, repeat):
+            broker.flushdb()
+            rig.locks.flushdb()
+            if cold:
+                pub = publish(app, flavour, n)
+                drained = drain(app, env, workdir, broker, flavour, n)
+            else:
+                pub, total, used = steady(app, env, workdir, broker, flavour, n, rig.server_pid)
+                drained = total - pub
+                cpu[flavour].append(used)
+            results[flavour].append((pub, drained))
     return results, cpu
 
 
@@ -247,7 +285,7 @@ def steady(
         check_ran(app, flavour, n)
     finally:
         stop_worker(proc)
-    return pub, elapsed, tuple(b - a for a, b in zip(before, after, strict=True))
+    return pub, elapsed, cpu_used(before, after)
 
 
 def main() -> None:
@@ -303,30 +341,12 @@ def main() -> None:
         locks = server.client(db=2)
         wanted = {"plain", *args.flavours.split(",")}
         flavours = [f for f in FLAVOURS if f in wanted and f"bench.{f}" in app.tasks]
-        results: dict[str, list[tuple[float, float]]] = {f: [] for f in flavours}
-        cpu: dict[str, list[tuple[float, ...]]] = {f: [] for f in flavours}
         server_pid = server.proc.pid if args.cpu and server.proc is not None else None
         ran_on = versions(PACKAGES, broker)
         try:
-            if not restarts:
-                results, cpu = paused(
-                    app, env, Path(tmp), broker, locks, flavours, args.tasks, args.repeats,
-                    server_pid,
-                )  # fmt: skip
-            for repeat in range(args.repeats if restarts else 0):
-                for flavour in order(flavours, repeat):
-                    broker.flushdb()
-                    locks.flushdb()
-                    if args.cold:
-                        pub = publish(app, flavour, args.tasks)
-                        drained = drain(app, env, Path(tmp), broker, flavour, args.tasks)
-                    else:
-                        pub, total, used = steady(
-                            app, env, Path(tmp), broker, flavour, args.tasks, server_pid
-                        )
-                        drained = total - pub
-                        cpu[flavour].append(used)
-                    results[flavour].append((pub, drained))
+            measure = partial(restarting, cold=args.cold) if restarts else paused
+            rig = Rig(app, env, Path(tmp), broker, locks, server_pid)
+            results, cpu = measure(rig, flavours, args.tasks, args.repeats)
         finally:
             server.stop()
 
@@ -362,7 +382,7 @@ def main() -> None:
         print_cpu(cpu, n)
 
 
-def print_targets(results: dict[str, list[tuple[float, float]]], *, layout: str) -> None:
+def print_targets(results: Results, *, layout: str) -> None:
     """The task goal of docs/performance.md, judged repeat by repeat: EXECUTION end to end at
     >= 0.85x plain, and ahead of celery-once and celery-singleton. Each flavour is compared with
     plain of the same repeat (measured minutes apart, not a whole run apart), so the drift of a
@@ -400,7 +420,7 @@ def print_targets(results: dict[str, list[tuple[float, float]]], *, layout: str)
         print("the whole goal: not judged (celery-once or celery-singleton did not run)")
 
 
-def print_cpu(cpu: dict[str, list[tuple[float, ...]]], n: int) -> None:
+def print_cpu(cpu: Usage, n: int) -> None:
     """CPU µs per task by process (median over repeats), and the difference to plain."""
     print("\nCPU per task, µs (median of the repeats); in brackets: minus plain's")
     parts = ("worker", "pool", "redis", "publisher")
