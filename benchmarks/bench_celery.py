@@ -7,6 +7,9 @@ timed. In each of ten repeats, every flavour in turn: pause the worker (``SIGSTO
 unacked hash are empty. End to end is the publish time plus that drain time. The worker's own
 counts must equal what was published. Printed as tasks/s and as ratios to the plain task of the
 same repeat (TESTING.md §7 measured celery-once and celery-singleton at 0.86x plain end to end).
+The ``bare`` flavour makes two bare redis-py calls around each task (``SET NX PX``, ``DEL``): the
+floor of a lock taken when the task starts and freed when it ends, against which the rest of a
+lock's cost (its scripts, its Python, its fallback) can be read.
 
     python -m benchmarks.bench_celery [--tasks 1000] [--repeats 10] [--flavours plain,execution]
                                       [--steady | --cold] [--cpu]
@@ -52,7 +55,9 @@ from tests._redis_server import RedisServer
 PACKAGES = ("celery", "kombu", "redis", "hiredis", "celery-once", "celery-singleton")
 #: ``*_co``: the same task with ``lock_coalesce=True`` (unique arguments: nothing to share, so
 #: this is the cost of looking, paid at publish time).
-FLAVOURS = ["plain", "execution", "queue", "execution_co", "queue_co", "once", "singleton"]
+#: ``bare``: two bare redis-py calls around the run (``SET NX PX``, ``DEL``), the floor of any
+#: lock taken when the task starts; not a lock to use (see ``celery_app.BareCalls``).
+FLAVOURS = ["plain", "bare", "execution", "queue", "execution_co", "queue_co", "once", "singleton"]
 #: Per flavour, one entry per repeat: seconds to publish and to drain.
 Results = dict[str, list[tuple[float, float]]]
 #: Per flavour, one entry per repeat: CPU seconds per process (see ``cpu_snapshot``), or ().
@@ -418,6 +423,13 @@ def print_targets(results: Results, *, layout: str) -> None:
         print(f"the whole goal: {sum(met)} of {repeats} repeats")
     else:
         print("the whole goal: not judged (celery-once or celery-singleton did not run)")
+    if "bare" in results:
+        # Not part of the goal: what two round trips in the task cost with nothing else.
+        floor = ratios("bare")
+        print(
+            f"for reference, two bare redis-py calls around each task (bare): "
+            f"{statistics.median(floor):.2f} [{' '.join(f'{r:.2f}' for r in floor)}]"
+        )
 
 
 def print_cpu(cpu: Usage, n: int) -> None:

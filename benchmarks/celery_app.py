@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import redis
 from celery import Celery, Task
 
 BROKER = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6399/0")
@@ -32,6 +34,32 @@ app.conf.update(
 @app.task(name="bench.plain", base=Task)
 def plain(i: int) -> None:
     """Baseline: no lock."""
+
+
+class BareCalls(Task):
+    """Two bare redis-py calls around the run: ``SET NX PX`` before it, ``DEL`` after it. Not
+    a lock to use (no owner check, fence, fallback or redelivery detection): the least that a
+    lock taken when the task starts and freed when it ends costs in a worker, its two round
+    trips and nothing else."""
+
+    _client: redis.Redis | None = None  # per process, made after the pool's fork
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        client = BareCalls._client
+        if client is None:
+            client = BareCalls._client = redis.Redis.from_url(LOCKS)
+        key = f"bare:{self.name}:{args!r}:{kwargs!r}"
+        if not client.set(key, "1", nx=True, px=300_000):
+            return None
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            client.delete(key)
+
+
+@app.task(name="bench.bare", base=BareCalls)
+def bare(i: int) -> None:
+    """Two bare redis-py calls (see BareCalls)."""
 
 
 def _register_optional() -> None:

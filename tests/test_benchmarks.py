@@ -87,7 +87,7 @@ def test_bench_celery_judges_the_goal_and_finds_the_pool_children(
         "--repeats",
         "1",
         "--flavours",
-        "plain,execution",
+        "plain,execution" if layout else "plain,bare,execution",
     )
     assert f"80 no-op tasks, {how};" in out, out
     which = f"{layout[0]}; the goal is set for the default layout" if layout else "default layout"
@@ -97,9 +97,17 @@ def test_bench_celery_judges_the_goal_and_finds_the_pool_children(
         out,
         re.MULTILINE,
     ), out
-    # Only plain and execution ran: the goal's comparison with the rivals is not made up.
+    # The rivals did not run: the goal's comparison with them is not made up.
     assert "the whole goal: not judged" in out
     assert "ahead of" not in out
+    # The floor of two bare round trips is printed when (and only when) it ran.
+    floor = re.search(
+        r"^for reference, two bare redis-py calls around each task \(bare\): "
+        r"\d+\.\d\d \[\d+\.\d\d\]$",
+        out,
+        re.MULTILINE,
+    )
+    assert (floor is None) == bool(layout), out
     if not cpu:
         assert "CPU per task" not in out
         return
